@@ -1,0 +1,131 @@
+"""``memory_report``: bytes really held by a KV cache vs. the 16-bit bytes of the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .store import HEADER_FIELDS, blob_of, is_handle
+
+FP16_BYTES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMemory:
+    """One cache layer. ``held_bytes`` counts every byte of every tensor the layer holds."""
+
+    layer: int
+    quantized: bool
+    batch: int
+    heads: int
+    capacity: int
+    tokens: int
+    held_bytes: int
+    fp16_capacity_bytes: int
+    fp16_token_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    layers: tuple[LayerMemory, ...]
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(layer.held_bytes for layer in self.layers)
+
+    @property
+    def fp16_capacity_bytes(self) -> int:
+        """What a 16-bit cache of the same capacity (``max_cache_len``) allocates."""
+        return sum(layer.fp16_capacity_bytes for layer in self.layers)
+
+    @property
+    def fp16_token_bytes(self) -> int:
+        """What the tokens cached right now take in 16 bits."""
+        return sum(layer.fp16_token_bytes for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """held bytes / 16-bit bytes of the same capacity."""
+        return self.held_bytes / max(self.fp16_capacity_bytes, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'layer':>5} {'quantized':>9} {'tokens':>7} {'capacity':>8} {'held MiB':>9} {'fp16 MiB':>9}"
+        ]
+        for m in self.layers:
+            lines.append(
+                f"{m.layer:>5} {str(m.quantized):>9} {m.tokens:>7} {m.capacity:>8} "
+                f"{m.held_bytes / 2**20:>9.3f} {m.fp16_capacity_bytes / 2**20:>9.3f}"
+            )
+        lines.append(
+            f"total: {self.held_bytes / 2**20:.3f} MiB held, "
+            f"{self.fp16_capacity_bytes / 2**20:.3f} MiB in fp16 "
+            f"for the same capacity ({self.ratio:.3f}x); cached tokens in fp16: "
+            f"{self.fp16_token_bytes / 2**20:.3f} MiB"
+        )
+        return "\n".join(lines)
+
+
+def memory_report(obj) -> MemoryReport:
+    """Bytes held by the KV cache of ``obj``, per layer and in total.
+
+    Args:
+        obj: a transformers ``Cache`` (e.g. ``generate(..., return_dict_in_generate=True).past_key_values``),
+            a model that keeps its last generation cache (transformers keeps it in ``model._cache``),
+            a ``torch.compile``d module, or a module that keeps cache tensors as buffers.
+
+    Raises:
+        ValueError: no KV cache could be found in ``obj``.
+    """
+    pairs = _cache_pairs(obj)
+    if not pairs:
+        raise ValueError(
+            f"no KV cache found in {type(obj).__name__}: pass the cache object "
+            "(generate(..., return_dict_in_generate=True).past_key_values) or the model after generate()"
+        )
+    return MemoryReport(tuple(_layer_memory(i, k, v, tokens) for i, (k, v, tokens) in enumerate(pairs)))
+
+
+def _cache_pairs(obj) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+    obj = getattr(obj, "_orig_mod", obj)
+    cache = getattr(obj, "_cache", None) if not hasattr(obj, "layers") else obj
+    if cache is not None and hasattr(cache, "layers"):
+        pairs = []
+        for layer in cache.layers:
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+                length = getattr(layer, "cumulative_length", None)
+                pairs.append((keys, values, int(length) if length is not None else None))
+        return pairs
+    if isinstance(obj, torch.nn.Module):
+        handles = [t for _, t in obj.named_buffers() if is_handle(t)]
+        return [(handles[i], handles[i + 1], None) for i in range(0, len(handles) - 1, 2)]
+    return []
+
+
+def _layer_memory(index: int, keys: torch.Tensor, values: torch.Tensor, tokens: int | None) -> LayerMemory:
+    batch, heads, capacity, head_dim = keys.shape
+    value_dim = values.shape[-1]
+    quantized = is_handle(keys) and is_handle(values)
+    if quantized:
+        header = blob_of(keys)[: HEADER_FIELDS * 8].view(torch.int64)
+        tokens = int(header[2])
+    held = _storage_bytes(keys) + _storage_bytes(values)
+    tokens = capacity if tokens is None else tokens
+    per_token = batch * heads * (head_dim + value_dim) * FP16_BYTES
+    return LayerMemory(
+        layer=index,
+        quantized=quantized,
+        batch=batch,
+        heads=heads,
+        capacity=capacity,
+        tokens=tokens,
+        held_bytes=held,
+        fp16_capacity_bytes=per_token * capacity,
+        fp16_token_bytes=per_token * tokens,
+    )
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()

@@ -1,0 +1,128 @@
+"""Rewrite matched attention sites into the quantized store's custom ops.
+
+For each ``AttentionSite`` (see ``sites.py``):
+- an in-graph buffer pair ``torch.zeros([B, H, L, D])`` becomes ``mixkvq::new_store`` (the store
+  handles take the buffers' place everywhere, including the graph outputs that hand them to the
+  model's cache object);
+- the two cache writes and the SDPA become one ``mixkvq::kv_attention``;
+- the view chains that only fed the SDPA are erased.
+Sites whose buffers are graph inputs must be store handles (all strides 0): a plain fp16 buffer
+allocated outside the compiled graph is reported and left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers torch.ops.mixkvq)
+from ..config import MixKVQConfig
+from ..store import StoreLayout
+from .sites import AttentionSite, sdpa_args
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_site(site: AttentionSite) -> str | None:
+    """Why ``site`` cannot be rewritten, or None."""
+    key_meta, value_meta = _meta(site.key_buffer), _meta(site.value_buffer)
+    query_meta = _meta(sdpa_args(site.sdpa)["query"])
+    if key_meta is None or value_meta is None or query_meta is None:
+        return "no shape metadata on the cache buffers or the query"
+    if key_meta.dim() != 4 or value_meta.dim() != 4:
+        return f"cache buffers are not [B, H, L, D] (got {tuple(key_meta.shape)})"
+    if key_meta.dtype not in SUPPORTED_DTYPES or query_meta.dtype != key_meta.dtype:
+        return f"dtype {key_meta.dtype} (query {query_meta.dtype}) is not one of {SUPPORTED_DTYPES}"
+    if key_meta.shape[:3] != value_meta.shape[:3]:
+        return "key and value buffers differ in batch, heads or length"
+    if query_meta.shape[1] % key_meta.shape[1]:
+        return f"{query_meta.shape[1]} query heads are not a multiple of {key_meta.shape[1]} KV heads"
+    if site.key_buffer.op != "call_function" and any(key_meta.stride() + value_meta.stride()):
+        return (
+            "cache buffers were allocated outside the compiled graph (e.g. an eager prefill): "
+            "run the prefill through the forward compiled with backend='mixkvq'"
+        )
+    return None
+
+
+def layout_for(site: AttentionSite, config: MixKVQConfig) -> StoreLayout:
+    key_meta, value_meta = _meta(site.key_buffer), _meta(site.value_buffer)
+    batch, heads, capacity, head_dim = key_meta.shape
+    return StoreLayout.create(
+        config,
+        int(batch),
+        int(heads),
+        int(capacity),
+        int(head_dim),
+        int(value_meta.shape[-1]),
+        key_meta.dtype,
+    )
+
+
+def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> None:
+    """Replace the site's allocation (if any), writes and SDPA with mixkvq ops, in place."""
+    key_handle, value_handle = site.key_buffer, site.value_buffer
+    if site.allocates:
+        first = min((site.key_buffer, site.value_buffer), key=_position(graph))
+        device = site.key_buffer.kwargs.get("device") or _meta(site.key_buffer).device
+        with graph.inserting_before(first):
+            handles = graph.call_function(torch.ops.mixkvq.new_store.default, (layout.to_key(), device))
+            key_handle = graph.call_function(operator.getitem, (handles, 0))
+            value_handle = graph.call_function(operator.getitem, (handles, 1))
+        for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
+            new.meta.update(old.meta)
+    args = sdpa_args(site.sdpa)
+    query = args["query"]
+    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(_meta(query).shape[-1])
+    with graph.inserting_before(site.sdpa):
+        attention = graph.call_function(
+            torch.ops.mixkvq.kv_attention.default,
+            (
+                query,
+                site.new_key,
+                site.new_value,
+                site.positions,
+                key_handle,
+                value_handle,
+                args["attn_mask"],
+                float(scale),
+                bool(args["is_causal"]),
+                -1 if site.kv_limit is None else site.kv_limit,
+                layout.to_key(),
+            ),
+        )
+    attention.meta.update(site.sdpa.meta)
+    stale_reads = [args["key"], args["value"]]
+    site.sdpa.replace_all_uses_with(attention)
+    graph.erase_node(site.sdpa)
+    for write in (site.key_write, site.value_write):
+        if not write.users:
+            graph.erase_node(write)
+    for node in stale_reads:
+        _erase_unused_chain(graph, node, stop={site.key_buffer, site.value_buffer})
+    if site.allocates:
+        for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
+            old.replace_all_uses_with(new)
+            graph.erase_node(old)
+
+
+def _meta(node):
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _position(graph: fx.Graph):
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _erase_unused_chain(graph: fx.Graph, node, stop: set) -> None:
+    while isinstance(node, fx.Node) and node not in stop and not node.users:
+        parent = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = parent

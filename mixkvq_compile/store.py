@@ -1,0 +1,450 @@
+"""The quantized KV store: layout, allocation, append (with group flushes) and dequantized reads.
+
+Memory ownership: the store of one attention layer lives in two byte blobs, one for keys and one for
+values. Each blob is handed to the model as a *handle*: a tensor of the cache buffer's shape
+``[B, H_kv, L, D]`` and dtype whose strides are all 0, so it points at one scratch element of the
+blob's header and holds no fp16 KV memory. The model's cache object (e.g. transformers'
+``StaticLayer.keys``) keeps the handle, which keeps the blob alive; when the cache is dropped, so is
+the store. ``cache.reset()`` (``zero_()``) only writes the scratch element.
+
+Token placement (``n`` tokens written, positions ``0..n-1``):
+- positions ``< S`` (sink tokens) stay in full precision in ``sink``;
+- ``flushed_groups(n) = max(0, n - S - R) // G`` groups of ``G`` tokens after the sinks are packed
+  (keys per channel in mixed tiers, values per token);
+- the rest (between R and R + G - 1 tokens once the sequence is long) sits in full precision in a
+  ring buffer of ``W = min(R + G, L - S)`` slots, token ``p`` at slot ``(p - S) % W``.
+
+Key group layout (per batch row ``b``, KV head ``h``, group ``g``): ``order[b, h, g]`` is a
+permutation of the ``D`` channels, high tier first, then mid, then low (each ascending). Tier
+``t`` with ``c_t`` channels stores ``[c_t, G]`` full-precision values (16-bit tier) or packed codes
+``[c_t, G * bits // 8]`` plus float16 ``(scale, zero)`` per channel. With a single non-empty tier the
+order is the identity and is not stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import zlib
+
+import torch
+
+from . import reference
+from .config import KeyTiering, MixKVQConfig
+
+MAGIC = 0x6D69786B7671  # "mixkvq"
+HEADER_FIELDS = 8  # int64: [0] scratch under the handle, [1] magic, [2] tokens written, [3] layout hash
+ALIGN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Static shape of one layer's store. All sizes are fixed at compile time."""
+
+    batch: int
+    heads: int
+    capacity: int
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+    group_size: int
+    value_group_size: int
+    residual_length: int
+    sink_tokens: int
+    key_channels: tuple[int, int, int]
+    key_bits: tuple[int, int, int]
+    value_bits: int
+    salience: bool
+
+    @classmethod
+    def create(
+        cls,
+        config: MixKVQConfig,
+        batch: int,
+        heads: int,
+        capacity: int,
+        head_dim: int,
+        value_dim: int,
+        dtype: torch.dtype,
+    ) -> StoreLayout:
+        """Layout for a ``[batch, heads, capacity, head_dim]`` cache under ``config`` (one layer)."""
+        if value_dim % config.value_group_size and config.value_bits != 16:
+            raise ValueError(
+                f"value_group_size={config.value_group_size} does not divide the model's value head_dim "
+                f"{value_dim}; choose a divisor of {value_dim}"
+            )
+        channels = config.tier_channels(head_dim)
+        return cls(
+            batch=batch,
+            heads=heads,
+            capacity=capacity,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            dtype=dtype,
+            group_size=config.group_size,
+            value_group_size=config.value_group_size,
+            residual_length=config.residual_length,
+            sink_tokens=min(config.sink_tokens, capacity),
+            key_channels=channels,
+            key_bits=config.key_bits,
+            value_bits=config.value_bits,
+            salience=config.key_tiering is KeyTiering.SALIENCE and sum(c > 0 for c in channels) > 1,
+        )
+
+    def to_key(self) -> str:
+        """A string that identifies this layout (a custom-op argument); inverse of ``from_key``."""
+        fields = dataclasses.asdict(self)
+        fields["dtype"] = str(self.dtype).removeprefix("torch.")
+        return json.dumps(fields, sort_keys=True)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def from_key(key: str) -> StoreLayout:
+        fields = json.loads(key)
+        fields["dtype"] = getattr(torch, fields["dtype"])
+        for name in ("key_channels", "key_bits"):
+            fields[name] = tuple(fields[name])
+        return StoreLayout(**fields)
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """A 31-bit hash of the layout, kept in the header to catch a store opened with another layout."""
+        return zlib.crc32(self.to_key().encode()) & 0x7FFFFFFF
+
+    @property
+    def window(self) -> int:
+        """Ring-buffer slots of the full-precision residual window."""
+        return min(self.residual_length + self.group_size, self.capacity - self.sink_tokens)
+
+    @property
+    def num_groups(self) -> int:
+        """Packed groups the store can hold."""
+        return max(0, self.capacity - self.sink_tokens - self.residual_length) // self.group_size
+
+    @property
+    def mixed_keys(self) -> bool:
+        """True when more than one key tier is non-empty (a per-group channel order is stored)."""
+        return sum(c > 0 for c in self.key_channels) > 1
+
+    def flushed_groups(self, length: int) -> int:
+        """Packed groups once ``length`` tokens are written."""
+        free = length - self.sink_tokens - self.residual_length
+        return min(max(0, free) // self.group_size, self.num_groups)
+
+    def key_regions(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor in the key blob, in blob order."""
+        b, h, d, ng, g = self.batch, self.heads, self.head_dim, self.num_groups, self.group_size
+        regions = {
+            "header": ((HEADER_FIELDS,), torch.int64),
+            "sink": ((b, h, self.sink_tokens, d), self.dtype),
+            "ring": ((b, h, self.window, d), self.dtype),
+        }
+        if self.mixed_keys:
+            regions["order"] = ((b, h, ng, d), torch.uint8)
+        for tier, (channels, bits) in enumerate(zip(self.key_channels, self.key_bits)):
+            if channels == 0:
+                continue
+            if bits == 16:
+                regions[f"tier{tier}_values"] = ((b, h, ng, channels, g), self.dtype)
+            else:
+                regions[f"tier{tier}_codes"] = ((b, h, ng, channels, g * bits // 8), torch.uint8)
+                regions[f"tier{tier}_qparams"] = ((b, h, ng, channels, 2), torch.float16)
+        if self.salience:
+            regions["query_abs_sum"] = ((b, h, d), torch.float32)
+            regions["query_count"] = ((b, h), torch.float32)
+        return regions
+
+    def value_regions(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor in the value blob, in blob order."""
+        b, h, dv, ng, g = self.batch, self.heads, self.value_dim, self.num_groups, self.group_size
+        regions = {
+            "header": ((HEADER_FIELDS,), torch.int64),
+            "sink": ((b, h, self.sink_tokens, dv), self.dtype),
+            "ring": ((b, h, self.window, dv), self.dtype),
+        }
+        if self.value_bits == 16:
+            regions["values"] = ((b, h, ng, g, dv), self.dtype)
+        else:
+            regions["codes"] = ((b, h, ng, g, dv * self.value_bits // 8), torch.uint8)
+            regions["qparams"] = ((b, h, ng, g, dv // self.value_group_size, 2), torch.float16)
+        return regions
+
+    def blob_bytes(self, regions: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+        """Bytes of a blob holding ``regions`` (each region aligned to 64 bytes)."""
+        return _offsets(regions)[1]
+
+
+def _offsets(regions: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict[str, int], int]:
+    offsets, cursor = {}, 0
+    for name, (shape, dtype) in regions.items():
+        offsets[name] = cursor
+        nbytes = math.prod(shape) * dtype.itemsize
+        cursor += -(-nbytes // ALIGN) * ALIGN
+    return offsets, cursor
+
+
+def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate a fresh store; returns the (key, value) handles ``[B, H, L, D]`` with zero strides."""
+    handles = []
+    for regions, dim in ((layout.key_regions(), layout.head_dim), (layout.value_regions(), layout.value_dim)):
+        blob = torch.zeros(layout.blob_bytes(regions), dtype=torch.uint8, device=device)
+        header = _region(blob, regions, "header")
+        header.zero_()
+        header[1] = MAGIC
+        header[3] = layout.fingerprint
+        shape = (layout.batch, layout.heads, layout.capacity, dim)
+        handles.append(blob[: layout.dtype.itemsize].view(layout.dtype).as_strided(shape, (0, 0, 0, 0)))
+    return handles[0], handles[1]
+
+
+def is_handle(tensor: torch.Tensor) -> bool:
+    """True for a store handle: a 4-d tensor with all-zero strides over a blob with our magic."""
+    if tensor.dim() != 4 or any(tensor.stride()) or tensor.numel() == 0:
+        return False
+    storage = tensor.untyped_storage()
+    if storage.nbytes() < HEADER_FIELDS * 8 or tensor.device.type == "meta":
+        return False
+    header = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)[: HEADER_FIELDS * 8]
+    return int(header.view(torch.int64)[1]) == MAGIC
+
+
+def blob_of(handle: torch.Tensor) -> torch.Tensor:
+    """The uint8 blob behind a handle."""
+    storage = handle.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=handle.device).set_(storage)
+
+
+def _region(blob: torch.Tensor, regions: dict, name: str) -> torch.Tensor:
+    offsets, total = _offsets(regions)
+    if blob.numel() < total:
+        raise ValueError(f"mixkvq store blob has {blob.numel()} bytes, the layout needs {total}")
+    shape, dtype = regions[name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    return blob[offsets[name] : offsets[name] + nbytes].view(dtype).view(shape)
+
+
+@dataclasses.dataclass
+class KVStore:
+    """Typed views of one layer's store (keys and values) over the two blobs."""
+
+    layout: StoreLayout
+    keys: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+
+    @classmethod
+    def open(cls, layout: StoreLayout, key_handle: torch.Tensor, value_handle: torch.Tensor) -> KVStore:
+        """Views of the store behind two handles; ``ValueError`` if they are not mixkvq handles."""
+        for name, handle in (("key", key_handle), ("value", value_handle)):
+            if not is_handle(handle):
+                raise ValueError(
+                    f"the {name} cache buffer is not a mixkvq store (it was allocated outside the graph "
+                    "compiled with backend='mixkvq'); run the prefill through the compiled forward"
+                )
+        key_blob, value_blob = blob_of(key_handle), blob_of(value_handle)
+        if int(key_blob[: HEADER_FIELDS * 8].view(torch.int64)[3]) != layout.fingerprint:
+            raise ValueError(
+                "this mixkvq store was allocated with another layout (config or shapes changed since the "
+                "cache was created); create a new cache for the new configuration"
+            )
+        key_regions, value_regions = layout.key_regions(), layout.value_regions()
+        store = cls(
+            layout,
+            {name: _region(key_blob, key_regions, name) for name in key_regions},
+            {name: _region(value_blob, value_regions, name) for name in value_regions},
+        )
+        return store
+
+    @property
+    def length(self) -> int:
+        """Tokens written so far."""
+        return int(self.keys["header"][2])
+
+    def set_length(self, length: int) -> None:
+        self.keys["header"][2] = length
+        self.values["header"][2] = length
+
+    def reset(self) -> None:
+        """Forget every token and every query statistic."""
+        self.set_length(0)
+        if self.layout.salience:
+            self.keys["query_abs_sum"].zero_()
+            self.keys["query_count"].zero_()
+
+    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys ``[B, H, length, D]`` and values ``[B, H, length, Dv]`` at positions < length.
+
+        Sinks and residual tokens come back exactly; packed groups in float32 rounded to the model dtype.
+        """
+        lay = self.layout
+        sinks = min(lay.sink_tokens, length)
+        groups = lay.flushed_groups(length)
+        start = lay.sink_tokens + groups * lay.group_size
+        ring_slots = (
+            torch.arange(start, max(start, length), device=self.keys["ring"].device) - lay.sink_tokens
+        ) % max(lay.window, 1)
+        parts_k = [self.keys["sink"][:, :, :sinks]]
+        parts_v = [self.values["sink"][:, :, :sinks]]
+        if groups:
+            parts_k.append(self._dequantize_key_groups(groups).to(lay.dtype))
+            parts_v.append(self._dequantize_value_groups(groups).to(lay.dtype))
+        parts_k.append(self.keys["ring"][:, :, ring_slots])
+        parts_v.append(self.values["ring"][:, :, ring_slots])
+        return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+
+    def accumulate_queries(self, query: torch.Tensor) -> None:
+        """Add ``|query|`` (``[B, Hq, Lq, D]``, post-RoPE) to the per-KV-head channel statistics."""
+        if not self.layout.salience:
+            return
+        b, hq, lq, d = query.shape
+        grouped = query.detach().float().abs().reshape(b, self.layout.heads, hq // self.layout.heads, lq, d)
+        self.keys["query_abs_sum"].add_(grouped.sum(dim=(2, 3)))
+        self.keys["query_count"].add_(float(grouped.shape[2] * lq))
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
+        """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..start+Lq-1`` and flush groups.
+
+        ``start`` must equal the current length (append) or lie in the full-precision residual (a
+        rewind that overwrites unflushed tokens); writing into packed groups is refused.
+        """
+        lay = self.layout
+        length, lq = self.length, key.shape[2]
+        if start > length:
+            raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
+        kept_flushed = lay.sink_tokens + lay.flushed_groups(length) * lay.group_size
+        if start < length and start < kept_flushed and start >= lay.sink_tokens:
+            raise ValueError(
+                f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
+                "rewinding a cache is supported only within the full-precision window"
+            )
+        end = start + lq
+        if end > lay.capacity:
+            raise ValueError(
+                f"mixkvq store: {end} tokens exceed the cache capacity of {lay.capacity} "
+                "(max_cache_len); allocate a larger cache"
+            )
+        old_groups = lay.flushed_groups(min(start, length))
+        new_groups = lay.flushed_groups(end)
+        pending_start = lay.sink_tokens + old_groups * lay.group_size
+        # Full-precision tokens from pending_start to end: old ones from the ring, new ones from the input.
+        old_positions = torch.arange(pending_start, max(pending_start, start), device=key.device)
+        old_slots = (old_positions - lay.sink_tokens) % max(lay.window, 1)
+        first_new = max(lay.sink_tokens, start)
+        new_k, new_v = key[:, :, first_new - start :], value[:, :, first_new - start :]
+        pending_k = torch.cat([self.keys["ring"][:, :, old_slots], new_k.to(lay.dtype)], dim=2)
+        pending_v = torch.cat([self.values["ring"][:, :, old_slots], new_v.to(lay.dtype)], dim=2)
+        # Sinks.
+        if start < lay.sink_tokens:
+            count = min(end, lay.sink_tokens) - start
+            self.keys["sink"][:, :, start : start + count] = key[:, :, :count]
+            self.values["sink"][:, :, start : start + count] = value[:, :, :count]
+        # Whole groups leave the window.
+        flush_tokens = (new_groups - old_groups) * lay.group_size
+        if flush_tokens:
+            self._store_groups(old_groups, pending_k[:, :, :flush_tokens], pending_v[:, :, :flush_tokens])
+        # The remainder goes to the ring.
+        remain_start = pending_start + flush_tokens
+        if end > remain_start:
+            slots = (torch.arange(remain_start, end, device=key.device) - lay.sink_tokens) % lay.window
+            self.keys["ring"][:, :, slots] = pending_k[:, :, flush_tokens:]
+            self.values["ring"][:, :, slots] = pending_v[:, :, flush_tokens:]
+        self.set_length(end)
+
+    # -- packed groups -------------------------------------------------------------------------
+
+    def _store_groups(self, first: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        lay = self.layout
+        b, h, t, d = key.shape
+        count, g = t // lay.group_size, lay.group_size
+        groups = slice(first, first + count)
+        k = key.float().reshape(b, h, count, g, d).transpose(-1, -2)  # [B, H, n, D, G]
+        order = self._choose_key_order(k)
+        if lay.mixed_keys:
+            self.keys["order"][:, :, groups] = order.to(torch.uint8)
+        k_sorted = torch.gather(k, 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, g))
+        offset = 0
+        for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):
+            if channels == 0:
+                continue
+            part = k_sorted[:, :, :, offset : offset + channels]
+            offset += channels
+            if bits == 16:
+                self.keys[f"tier{tier}_values"][:, :, groups] = part.to(lay.dtype)
+            else:
+                codes, qparams = reference.quantize_groups(part, bits)
+                self.keys[f"tier{tier}_codes"][:, :, groups] = codes
+                self.keys[f"tier{tier}_qparams"][:, :, groups] = qparams
+        v = value.reshape(b, h, count, g, lay.value_dim)
+        if lay.value_bits == 16:
+            self.values["values"][:, :, groups] = v.to(lay.dtype)
+        else:
+            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
+            codes, qparams = reference.quantize_groups(grouped, lay.value_bits)
+            self.values["codes"][:, :, groups] = codes.reshape(b, h, count, g, -1)
+            self.values["qparams"][:, :, groups] = qparams
+
+    def _choose_key_order(self, k: torch.Tensor) -> torch.Tensor:
+        """Channel permutation ``[B, H, n, D]`` (int64): high tier first, each tier ascending.
+
+        ``k`` is ``[B, H, n, D, G]`` float32. With salience tiering the channels are ranked by
+        ``A_d = I_d * S_d``: I_d the mean |q_d| seen so far, S_d the 2-bit step of channel d in the group.
+        """
+        lay = self.layout
+        b, h, n, d, _ = k.shape
+        identity = torch.arange(d, device=k.device).expand(b, h, n, d)
+        if not lay.mixed_keys:
+            return identity
+        step = (k.amax(dim=-1) - k.amin(dim=-1)) / 3.0
+        if lay.salience:
+            count = self.keys["query_count"].clamp(min=1.0)
+            importance = self.keys["query_abs_sum"] / count[..., None]
+            salience = importance[:, :, None, :] * step
+        else:
+            salience = step
+        ranked = torch.argsort(salience, dim=-1, descending=True, stable=True)
+        tiers = []
+        offset = 0
+        for channels in lay.key_channels:
+            tiers.append(torch.sort(ranked[..., offset : offset + channels], dim=-1).values)
+            offset += channels
+        return torch.cat(tiers, dim=-1)
+
+    def _dequantize_key_groups(self, count: int) -> torch.Tensor:
+        """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups."""
+        lay = self.layout
+        parts = []
+        for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):
+            if channels == 0:
+                continue
+            if bits == 16:
+                parts.append(self.keys[f"tier{tier}_values"][:, :, :count].float())
+            else:
+                parts.append(
+                    reference.dequantize_groups(
+                        self.keys[f"tier{tier}_codes"][:, :, :count],
+                        self.keys[f"tier{tier}_qparams"][:, :, :count],
+                        bits,
+                    )
+                )
+        sorted_k = torch.cat(parts, dim=3)  # [B, H, n, D, G] in tier order
+        if lay.mixed_keys:
+            order = self.keys["order"][:, :, :count].long()
+            k = torch.empty_like(sorted_k).scatter_(3, order.unsqueeze(-1).expand_as(sorted_k), sorted_k)
+        else:
+            k = sorted_k
+        b, h, n, d, g = k.shape
+        return k.transpose(-1, -2).reshape(b, h, n * g, d)
+
+    def _dequantize_value_groups(self, count: int) -> torch.Tensor:
+        """float32 values ``[B, H, count * G, Dv]`` of the first ``count`` packed groups."""
+        lay = self.layout
+        if lay.value_bits == 16:
+            v = self.values["values"][:, :, :count].float()
+        else:
+            codes = self.values["codes"][:, :, :count]
+            b, h, n, g, _ = codes.shape
+            grouped = codes.reshape(b, h, n, g, lay.value_dim // lay.value_group_size, -1)
+            v = reference.dequantize_groups(grouped, self.values["qparams"][:, :, :count], lay.value_bits)
+        b, h, n, g = v.shape[:4]
+        return v.reshape(b, h, n * g, lay.value_dim)
