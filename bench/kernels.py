@@ -1,0 +1,328 @@
+"""Decode-attention and quantization kernels vs PyTorch SDPA on one GPU.
+
+    python3 bench/kernels.py            # all shapes; writes $OUT/kernels.json when $OUT is set
+
+For each batch x context and each quantization setting: the fused Triton decode kernel, cuDNN SDPA fp16,
+flash SDPA fp16 (both on full-precision K/V of the same size, the query heads of a KV head folded into
+query rows so no K/V is copied for GQA) and dequantize-then-SDPA (``store.read`` + SDPA). Also a one-token
+append (with and without a group flush) and the bulk quantization of a 32k-token prompt.
+
+The stores are filled directly with random codes, scales, zero points and channel orders (quantizing
+128k tokens through Python would take minutes); the kernel reads the same bytes either way. Times are
+medians of ``triton.testing.do_bench`` (L2 flushed before every run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import triton  # noqa: E402
+
+from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
+from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
+
+SHAPES = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (32, 8192)]
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.float16
+CONFIGS = {
+    "kivi2": PRESETS["kivi2"],
+    "mixkvq": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
+}
+
+
+def bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, rep=200):
+    """Median ms of ``fn`` replayed from a CUDA graph (no Python launch overhead); eager if capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay, rep)
+    except Exception as error:  # noqa: BLE001
+        print(f"graph capture failed ({type(error).__name__}: {str(error).splitlines()[0][:80]}); eager")
+        return bench(fn, rep)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def random_store(config, batch: int, ctx: int) -> KVStore:
+    """A store of ``ctx`` tokens with random contents (codes, qparams, orders, ring, sinks)."""
+    lay = StoreLayout.create(config, batch, HKV, ctx + 64, D, D, DTYPE)
+    store = KVStore.open(lay, *allocate(lay, "cuda"))
+    for side in (store.keys, store.values):
+        for name, t in side.items():
+            if name == "header":
+                continue
+            if t.dtype == torch.uint8 and name != "order":
+                t.random_(0, 256)
+            elif name.endswith("qparams"):
+                t[..., 0].uniform_(0.01, 0.1)
+                t[..., 1].uniform_(-1.0, 0.0)
+            elif t.is_floating_point():
+                t.normal_()
+    if lay.mixed_keys:
+        order = store.keys["order"]
+        for b in range(batch):  # a random channel permutation per group
+            order[b].copy_(torch.argsort(torch.rand(order.shape[1:], device="cuda"), dim=-1).to(torch.uint8))
+    if lay.salience:
+        store.keys["query_abs_sum"].uniform_(0, 1)
+        store.keys["query_count"].fill_(1.0)
+    store.set_length(ctx)
+    return store
+
+
+def bytes_read(store: KVStore, length: int) -> int:
+    """Bytes the fused kernel must read: packed groups in use, live full-precision tokens, query."""
+    lay = store.layout
+    groups = lay.flushed_groups(length)
+    total = 0
+    for side in (store.keys, store.values):
+        for name, t in side.items():
+            if name in ("header", "sink", "ring", "query_abs_sum", "query_count"):
+                continue
+            total += t.numel() * t.element_size() * groups // max(lay.num_groups, 1)
+    fp_tokens = min(length, lay.sink_tokens) + max(0, length - lay.sink_tokens - groups * lay.group_size)
+    total += fp_tokens * lay.batch * lay.heads * (lay.head_dim + lay.value_dim) * lay.dtype.itemsize
+    total += lay.batch * HQ * (D + lay.value_dim) * 2  # query in, output out
+    return total
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; date 2026-11-26")
+    print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+    print("stores filled with random codes/qparams/orders written directly into the views (not quantized)")
+    results, table = [], []
+    for batch, ctx in SHAPES:
+        q = torch.randn(batch, HQ, 1, D, dtype=DTYPE, device="cuda")
+        q_rows = q.view(batch, HKV, HQ // HKV, D)  # the query heads of a KV head as query rows
+        fp_bytes = batch * HKV * ctx * D * 2 * 2
+        try:
+            k = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")
+            v = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")
+        except torch.OutOfMemoryError:
+            print(f"{batch}x{ctx}: skipped (fp16 K/V do not fit)")
+            continue
+        base = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+
+                def sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q_rows, k, v)  # noqa: B023
+
+                sdpa()
+                base[name] = bench_graph(sdpa)
+            except RuntimeError as error:
+                print(f"{batch}x{ctx} {name}: unavailable ({str(error).splitlines()[0][:80]})")
+                base[name] = float("nan")
+        del k, v
+        torch.cuda.empty_cache()
+        ref_ms = base["cudnn"] if not math.isnan(base["cudnn"]) else base["flash"]
+        for cname, config in CONFIGS.items():
+            try:
+                store = random_store(config, batch, ctx)
+            except torch.OutOfMemoryError:
+                print(f"{batch}x{ctx} {cname}: skipped (store does not fit)")
+                continue
+            out = decode_attention(q, store, ctx)
+            ours_eager = bench(lambda: decode_attention(q, store, ctx))  # noqa: B023
+            ours = bench_graph(lambda: decode_attention(q, store, ctx))  # noqa: B023
+            ours_gather = bench_graph(lambda: decode_attention(q, store, ctx, gather=True))  # noqa: B023
+            nbytes = bytes_read(store, ctx)
+            try:
+                kd, vd = store.read(ctx)
+                kd, vd = kd.contiguous(), vd.contiguous()
+                ref = F.scaled_dot_product_attention(q_rows, kd, vd).view_as(out)
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                del kd, vd
+                deq = bench(lambda: F.scaled_dot_product_attention(q_rows, *store.read(ctx)), rep=50)  # noqa: B023
+            except torch.OutOfMemoryError:
+                err, deq = float("nan"), float("nan")
+                print(f"{batch}x{ctx} {cname}: dequantize-then-SDPA skipped (out of memory)")
+            torch.cuda.empty_cache()
+            # Tuning sweep (same run): warps and splits.
+            sweep = {}
+            if (batch, ctx) in ((8, 32768), (1, 131072)):
+                for warps in (2, 4):
+                    for stages in (2, 3):
+                        for gather in (False, True):
+
+                            def variant(w=warps, st=stages, g=gather, q=q, store=store, ctx=ctx):
+                                return decode_attention(q, store, ctx, num_warps=w, num_stages=st, gather=g)
+
+                            sweep[f"w{warps}_st{stages}_g{int(gather)}"] = bench_graph(variant)
+            # One-token append: no flush, and a step that flushes a group.
+            lay = store.layout
+            tk = torch.randn(batch, HKV, 1, D, dtype=DTYPE, device="cuda")
+            tv = torch.randn(batch, HKV, 1, D, dtype=DTYPE, device="cuda")
+            flush_at = next(
+                p for p in range(ctx, ctx + 64) if lay.flushed_groups(p + 1) > lay.flushed_groups(p)
+            )
+            app = bench_graph(lambda: qkern.append(store, tk, tv, ctx, length=ctx))  # noqa: B023
+            app_flush = bench_graph(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
+            app_flush_eager = bench(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
+
+            def torch_append(p=flush_at, store=store, tk=tk, tv=tv):
+                store.set_length(p)
+                store.append(tk, tv, p)
+
+            app_torch = bench(torch_append, rep=50)
+            store.set_length(ctx)
+            amortized = ((lay.group_size - 1) * app + app_flush) / lay.group_size
+            row = dict(
+                shape=f"{batch}x{ctx // 1024}k",
+                config=cname,
+                fused_ms=ours,
+                fused_gather_ms=ours_gather,
+                fused_eager_ms=ours_eager,
+                cudnn_ms=base["cudnn"],
+                flash_ms=base["flash"],
+                dequant_sdpa_ms=deq,
+                speedup_vs_cudnn=ref_ms / ours,
+                bytes_read=nbytes,
+                fp16_bytes=fp_bytes,
+                gbps=nbytes / (ours * 1e-3) / 1e9,
+                floor_ms=nbytes / bw * 1e3,
+                cudnn_floor_ms=fp_bytes / bw * 1e3,
+                rel_err_vs_dequant_sdpa=err,
+                append_ms=app,
+                append_flush_ms=app_flush,
+                append_flush_eager_ms=app_flush_eager,
+                append_torch_flush_ms=app_torch,
+                append_amortized_pct=100 * amortized / ours,
+                sweep=sweep,
+            )
+            results.append(row)
+            print(json.dumps(row))
+            table.append(row)
+            del store
+            torch.cuda.empty_cache()
+    # Bulk quantization of a 32k prompt (batch 1, 8 KV heads).
+    prompt = {}
+    for cname, config in CONFIGS.items():
+        lay = StoreLayout.create(config, 1, HKV, 32768 + 64, D, D, DTYPE)
+        store = KVStore.open(lay, *allocate(lay, "cuda"))
+        if lay.salience:
+            store.keys["query_abs_sum"].uniform_(0, 1)
+            store.keys["query_count"].fill_(1.0)
+        k = torch.randn(1, HKV, 32768, D, dtype=DTYPE, device="cuda")
+        v = torch.randn(1, HKV, 32768, D, dtype=DTYPE, device="cuda")
+        tri = bench(lambda: qkern.append(store, k, v, 0, length=0), rep=100)  # noqa: B023
+        t0 = time.perf_counter()
+        store.reset()
+        store.append(k, v, 0)
+        torch.cuda.synchronize()
+        ref_store = time.perf_counter() - t0
+
+        def torch_prompt(store=store, k=k, v=v):
+            store.set_length(0)
+            store.append(k, v, 0)
+
+        pt = bench(torch_prompt, rep=100)
+        prompt[cname] = dict(triton_ms=tri, torch_ms=pt, torch_first_call_s=ref_store)
+        print(f"bulk 32k prompt {cname}: triton {tri:.3f} ms, torch {pt:.3f} ms")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+            json.dump(dict(device=dev, bw=bw, rows=results, prompt=prompt), f, indent=1)
+    print(f"\n{dev}, 2026-11-26, fp16, Hq={HQ}, Hkv={HKV}, D={D}; copy bw {bw / 1e9:.0f} GB/s")
+    hdr = (
+        "shape",
+        "config",
+        "fused",
+        "gather",
+        "cudnn",
+        "flash",
+        "deq+sdpa",
+        "x cudnn",
+        "GB/s",
+        "floor",
+        "cudnn floor",
+        "app/flush",
+        "app%",
+        "err",
+    )
+    print(
+        "{:>8} {:>7} {:>7} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>11} {:>11} {:>5} {:>7}".format(*hdr)
+    )
+    for r in table:
+        print(
+            f"{r['shape']:>8} {r['config']:>7} {r['fused_ms']:7.3f} {r['fused_gather_ms']:6.3f} "
+            f"{r['cudnn_ms']:7.3f} "
+            f"{r['flash_ms']:7.3f} "
+            f"{r['dequant_sdpa_ms']:8.3f} {r['speedup_vs_cudnn']:7.2f} {r['gbps']:6.0f} {r['floor_ms']:6.3f} "
+            f"{r['cudnn_floor_ms']:11.3f} {r['append_ms']:5.3f}/{r['append_flush_ms']:5.3f} "
+            f"{r['append_amortized_pct']:5.1f} {r['rel_err_vs_dequant_sdpa']:7.1e}"
+        )
+    for r in table:
+        if r["sweep"]:
+            print(r["shape"], r["config"], {k: round(v, 4) for k, v in r["sweep"].items()})
+    for cname, p in prompt.items():
+        print(f"bulk 32k prompt {cname}: triton {p['triton_ms']:.3f} ms, torch {p['torch_ms']:.3f} ms")
+    compiler_report()
+
+
+def compiler_report() -> None:
+    """Registers, spills and shared memory of every compiled decode/quantize kernel variant."""
+    from mixkvq_compile.kernels import decode_attention as da
+    from mixkvq_compile.kernels import quantize as qz
+
+    for fn in (da._attn_split_kernel, da._combine_kernel, qz._store_groups_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for kernel in cache[0].values():
+                    meta = kernel.metadata
+                    print(
+                        f"{fn.__name__}: regs {kernel.n_regs} spills {kernel.n_spills} "
+                        f"shared {meta.shared} warps {meta.num_warps}"
+                    )
+        except Exception as error:  # noqa: BLE001
+            print(f"{fn.__name__}: no compiler report ({type(error).__name__})")
+    out_dir = os.environ.get("OUT")
+    if out_dir:  # assembly of the decode kernel variants, for reading off the device
+        try:
+            for cache in da._attn_split_kernel.device_caches.values():
+                for n, kernel in enumerate(
+                    list(cache[0].values())[:2]
+                ):  # few files: $OUT returns a limited count
+                    for kind in ("ptx", "sass"):
+                        if kind in kernel.asm:
+                            with open(os.path.join(out_dir, f"attn_{n}.{kind}"), "w") as f:
+                                f.write(str(kernel.asm[kind]))
+        except Exception as error:  # noqa: BLE001
+            print(f"no assembly dump ({type(error).__name__}: {error})")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU")
+    main()

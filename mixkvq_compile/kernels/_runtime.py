@@ -1,0 +1,44 @@
+"""Shared launcher helpers of the Triton kernels (imports Triton; import it only from kernel modules)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton can only interpret on a CPU-only machine.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+__all__ = ["interpreting", "next_pow2", "num_sms", "tl", "triton", "unpack_codes"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def unpack_codes(byt, ROWS: tl.constexpr, NBYTES: tl.constexpr, BITS: tl.constexpr):
+    """uint8 ``[ROWS, NBYTES]`` packed codes -> float32 codes ``[ROWS, NBYTES * 8 // BITS]``.
+
+    Element ``i`` of a byte sits at bit ``(i % per_byte) * BITS`` (``reference.pack``). The integer is
+    turned into a float with the 2**23 magic number (an OR and a subtraction instead of a conversion).
+    """
+    PER_BYTE: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    x = (byt.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    x = tl.reshape(x, (ROWS, NBYTES * PER_BYTE))
+    return (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0

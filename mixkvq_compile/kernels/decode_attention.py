@@ -1,0 +1,835 @@
+"""Fused attention of a few query tokens over a packed ``KVStore`` (flash-decoding, one pass over the bytes).
+
+Grid ``(B * H_kv, num_splits + 1, query_blocks)``. Program ``(bh, s, qb)`` takes the query rows
+``qb * BLOCK_M ...`` of KV head ``h``: row ``r`` is query head ``h * n_rep + r // Lq`` at query index
+``r % Lq``, so all query heads of a KV head share one read of its keys and values (GQA without
+copies). Splits ``s < num_splits`` walk a contiguous run of packed groups; split ``num_splits`` takes
+the full-precision tokens (sinks, ring, and optional new tokens passed alongside). Each group is read
+once as packed bytes, unpacked and dequantized in registers:
+
+- keys, per tier: codes ``[c_t, G]`` (channels x tokens) times per-channel (scale, zero); the scores
+  are ``sum_t q[:, order[tier channels]] @ k_t`` (the query is gathered by the group's channel order);
+- values: codes ``[G, Dv]`` with (scale, zero) per token and ``value_group_size`` channels.
+
+Scores go through an online softmax in float32 (base 2); each split writes ``(m, l, acc)`` and a
+second kernel combines the splits and writes ``[B, Hq, Lq, Dv]`` in the query dtype. Dequantized keys
+and values are rounded to the store dtype and then to the query dtype, like ``KVStore.read`` followed
+by ``reference.attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..store import KVStore
+from ._runtime import interpreting, next_pow2, num_sms, tl, triton, unpack_codes
+
+__all__ = ["decode_attention"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a [M, K] @ b [K, N]`` in float32: ``tl.dot`` when every dimension is >= 16."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _cast(x, dtype_ptr, UPCAST: tl.constexpr):
+    """Round ``x`` to the element type of ``dtype_ptr``; with UPCAST (interpreter, bf16) back to float32."""
+    y = x.to(dtype_ptr.dtype.element_ty)
+    if UPCAST:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _scores_mask(
+    s,
+    pos,
+    ok,
+    row_ok,
+    qpos,
+    mask_ptr,
+    mask_row,
+    smk,
+    qk_scale,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """Scaled base-2 scores with invalid, causal and attention-mask entries set to -inf."""
+    s = s * qk_scale
+    keep = ok[None, :] & row_ok[:, None]
+    if IS_CAUSAL:
+        keep = keep & (pos[None, :] <= qpos[:, None])
+    if MASK_KIND == 1:
+        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0)
+        keep = keep & (mv != 0)
+    elif MASK_KIND == 2:
+        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0.0)
+        s = s + mv.to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(
+    s, v, m_i, l_i, acc, q_ptr, USE_DOT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr
+):
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _mm(_cast(p, q_ptr, UPCAST), v, USE_DOT, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _tier_scores(
+    q_ptr,
+    q_off,
+    q_full,
+    row_ok,
+    sqd,
+    order_ptr,
+    order_base,
+    data_ptr,
+    qp_ptr,
+    bh64,
+    grp,
+    kv_ptr,
+    OFF: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    NG: tl.constexpr,
+    MIXED: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Scores ``[BLOCK_M, GP]`` of one key tier of group ``grp`` (unscaled; tokens >= G are padding)."""
+    ch = tl.arange(0, CP)
+    ch_ok = ch < C
+    if MIXED:
+        idx = tl.load(order_ptr + order_base + grp * D + OFF + ch, mask=ch_ok, other=0).to(tl.int32)
+        qt = tl.load(
+            q_ptr + q_off[:, None] + idx[None, :] * sqd, mask=row_ok[:, None] & ch_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            qt = qt.to(tl.float32)
+    else:
+        qt = q_full
+    tok = tl.arange(0, GP)
+    if BITS == 16:
+        base = bh64 * (NG * C * G)
+        kt = tl.load(
+            data_ptr + base + (grp * C + ch[:, None]) * G + tok[None, :],
+            mask=ch_ok[:, None] & (tok < G)[None, :],
+            other=0.0,
+        )
+        kt = _cast(kt.to(tl.float32), q_ptr, UPCAST)
+    else:
+        NB: tl.constexpr = G * BITS // 8
+        NBP: tl.constexpr = GP * BITS // 8
+        base = bh64 * (NG * C * NB)
+        if GATHER:  # one byte load per code (duplicate addresses hit L1), no reshape
+            PER_BYTE: tl.constexpr = 8 // BITS
+            byt = tl.load(
+                data_ptr + base + (grp * C + ch[:, None]) * NB + (tok // PER_BYTE)[None, :],
+                mask=ch_ok[:, None] & (tok < G)[None, :],
+                other=0,
+            )
+            x = (byt.to(tl.int32) >> ((tok % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+            codes = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            j = tl.arange(0, NBP)
+            byt = tl.load(
+                data_ptr + base + (grp * C + ch[:, None]) * NB + j[None, :],
+                mask=ch_ok[:, None] & (j < NB)[None, :],
+                other=0,
+            )
+            codes = unpack_codes(byt, CP, NBP, BITS)
+        qp = qp_ptr + bh64 * (NG * C * 2) + (grp * C + ch) * 2
+        sc = tl.load(qp, mask=ch_ok, other=0.0).to(tl.float32)
+        zr = tl.load(qp + 1, mask=ch_ok, other=0.0).to(tl.float32)
+        kt = _cast(_cast(codes * sc[:, None] + zr[:, None], kv_ptr, UPCAST), q_ptr, UPCAST)
+    return _mm(qt, kt, USE_DOT, PREC)
+
+
+@triton.jit
+def _value_tile(
+    vdata_ptr,
+    vq_ptr,
+    vq32_ptr,
+    bh64,
+    grp,
+    kv_ptr,
+    q_ptr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    DV: tl.constexpr,
+    NG: tl.constexpr,
+    VB: tl.constexpr,
+    VGS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Dequantized values ``[GP, DV]`` of group ``grp`` in the query dtype (rows >= G are zero padding)."""
+    if VB == 16:
+        n = tl.arange(0, GP)
+        v = tl.load(
+            vdata_ptr + bh64 * (NG * G * DV) + (grp * G + n[:, None]) * DV + tl.arange(0, DV)[None, :],
+            mask=(n < G)[:, None],
+            other=0.0,
+        )
+        v = _cast(v.to(tl.float32), q_ptr, UPCAST)
+    elif GATHER:  # per-element byte and (scale, zero) int32 loads (L1 hits), no reshape
+        NVG: tl.constexpr = DV // VGS
+        PER_BYTE: tl.constexpr = 8 // VB
+        VNB: tl.constexpr = DV * VB // 8
+        n = tl.arange(0, GP)
+        c = tl.arange(0, DV)
+        n_ok = (n < G)[:, None]
+        byt = tl.load(
+            vdata_ptr + bh64 * (NG * G * VNB) + (grp * G + n[:, None]) * VNB + (c // PER_BYTE)[None, :],
+            mask=n_ok,
+            other=0,
+        )
+        x = (byt.to(tl.int32) >> ((c % PER_BYTE) * VB)[None, :]) & ((1 << VB) - 1)
+        codes = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        w = tl.load(
+            vq32_ptr + bh64 * (NG * G * NVG) + (grp * G + n[:, None]) * NVG + (c // VGS)[None, :],
+            mask=n_ok,
+            other=0,
+        )
+        sc = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        zr = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = _cast(_cast(codes * sc + zr, kv_ptr, UPCAST), q_ptr, UPCAST)
+    else:
+        NVG: tl.constexpr = DV // VGS
+        VGB: tl.constexpr = VGS * VB // 8
+        rows = tl.arange(0, GP * NVG)  # (token, channel group) pairs, contiguous in the store
+        rows_ok = rows < G * NVG
+        byt = tl.load(
+            vdata_ptr
+            + bh64 * (NG * G * NVG * VGB)
+            + (grp * (G * NVG) + rows[:, None]) * VGB
+            + tl.arange(0, VGB)[None, :],
+            mask=rows_ok[:, None],
+            other=0,
+        )
+        codes = unpack_codes(byt, GP * NVG, VGB, VB)
+        qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
+        sc = tl.load(qp, mask=rows_ok, other=0.0).to(tl.float32)
+        zr = tl.load(qp + 1, mask=rows_ok, other=0.0).to(tl.float32)
+        v = _cast(_cast(codes * sc[:, None] + zr[:, None], kv_ptr, UPCAST), q_ptr, UPCAST)
+        v = tl.reshape(v, (GP, DV))
+    return v
+
+
+@triton.jit(do_not_specialize=["length", "new_len", "groups_per_split", "num_splits"])
+def _attn_split_kernel(
+    q_ptr,
+    sqb,
+    sqh,
+    sql,
+    sqd,
+    nk_ptr,
+    snkb,
+    snkh,
+    snkl,
+    snkd,
+    nv_ptr,
+    snvb,
+    snvh,
+    snvl,
+    snvd,
+    ksink_ptr,
+    kring_ptr,
+    order_ptr,
+    k0_ptr,
+    kq0_ptr,
+    k1_ptr,
+    kq1_ptr,
+    k2_ptr,
+    kq2_ptr,
+    vsink_ptr,
+    vring_ptr,
+    vdata_ptr,
+    vq_ptr,
+    vq32_ptr,
+    mask_ptr,
+    smb,
+    smh,
+    sml,
+    smk,
+    part_acc_ptr,
+    part_ml_ptr,
+    length_ptr,
+    length,
+    new_len,
+    qk_scale,
+    groups_per_split,
+    num_splits,
+    H: tl.constexpr,
+    N_REP: tl.constexpr,
+    LQ: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    W: tl.constexpr,
+    R: tl.constexpr,
+    NG: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    CP0: tl.constexpr,
+    CP1: tl.constexpr,
+    CP2: tl.constexpr,
+    MIXED: tl.constexpr,
+    VB: tl.constexpr,
+    VGS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    LENGTH_FROM_PTR: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    GP: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP_PART: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    sp = num_splits if FP_PART else tl.program_id(1)
+    qb = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    if LENGTH_FROM_PTR:
+        length = tl.load(length_ptr).to(tl.int32)
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    head = h * N_REP + rows // LQ
+    qi = rows % LQ
+    q_off = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sql
+    qpos = length + new_len - LQ + qi
+    mask_row = b.to(tl.int64) * smb + head.to(tl.int64) * smh + qi.to(tl.int64) * sml
+    dk = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    q_full = tl.load(q_ptr + q_off[:, None] + dk[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q_full = q_full.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    fg = tl.minimum(tl.maximum(length - S - R, 0) // G, NG)
+    if not FP_PART:
+        # Packed groups [g0, g1).
+        g0 = sp * groups_per_split
+        g1 = tl.minimum(g0 + groups_per_split, fg)
+        tok = tl.arange(0, GP)
+        order_base = bh64 * (NG * D)
+        for grp in range(g0, g1):
+            s = tl.zeros([BLOCK_M, GP], tl.float32)
+            if C0 > 0:
+                s += _tier_scores(
+                    q_ptr,
+                    q_off,
+                    q_full,
+                    row_ok,
+                    sqd,
+                    order_ptr,
+                    order_base,
+                    k0_ptr,
+                    kq0_ptr,
+                    bh64,
+                    grp,
+                    kring_ptr,
+                    0,
+                    C0,
+                    CP0,
+                    B0,
+                    D,
+                    G,
+                    GP,
+                    NG,
+                    MIXED,
+                    True,
+                    PREC,
+                    UPCAST,
+                    GATHER,
+                )
+            if C1 > 0:
+                s += _tier_scores(
+                    q_ptr,
+                    q_off,
+                    q_full,
+                    row_ok,
+                    sqd,
+                    order_ptr,
+                    order_base,
+                    k1_ptr,
+                    kq1_ptr,
+                    bh64,
+                    grp,
+                    kring_ptr,
+                    C0,
+                    C1,
+                    CP1,
+                    B1,
+                    D,
+                    G,
+                    GP,
+                    NG,
+                    MIXED,
+                    True,
+                    PREC,
+                    UPCAST,
+                    GATHER,
+                )
+            if C2 > 0:
+                s += _tier_scores(
+                    q_ptr,
+                    q_off,
+                    q_full,
+                    row_ok,
+                    sqd,
+                    order_ptr,
+                    order_base,
+                    k2_ptr,
+                    kq2_ptr,
+                    bh64,
+                    grp,
+                    kring_ptr,
+                    C0 + C1,
+                    C2,
+                    CP2,
+                    B2,
+                    D,
+                    G,
+                    GP,
+                    NG,
+                    MIXED,
+                    True,
+                    PREC,
+                    UPCAST,
+                    GATHER,
+                )
+            pos = S + grp * G + tok
+            s = _scores_mask(
+                s, pos, tok < G, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
+            )
+            v = _value_tile(
+                vdata_ptr,
+                vq_ptr,
+                vq32_ptr,
+                bh64,
+                grp,
+                vring_ptr,
+                q_ptr,
+                G,
+                GP,
+                DV,
+                NG,
+                VB,
+                VGS,
+                UPCAST,
+                GATHER,
+            )
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, q_ptr, True, PREC, UPCAST)
+    else:
+        # Full-precision tokens of the store: sinks [0, min(S, length)) and the ring after the groups.
+        sinks = tl.minimum(length, S)
+        ring_start = S + fg * G
+        n_store = sinks + tl.maximum(length - ring_start, 0)
+        r_idx = tl.arange(0, BLOCK_R)
+        for t0 in range(0, n_store, BLOCK_R):
+            i = t0 + r_idx
+            ok = i < n_store
+            is_sink = i < sinks
+            pos = tl.where(is_sink, i, ring_start + i - sinks)
+            sink_row = tl.where(is_sink, i, 0)
+            slot = tl.where(is_sink, 0, (pos - S) % W)
+            sink_off = bh64 * (S * D) + sink_row[:, None] * D + dk[None, :]
+            ring_off = bh64 * (W * D) + slot[:, None] * D + dk[None, :]
+            k = tl.where(
+                is_sink[:, None],
+                tl.load(ksink_ptr + sink_off, mask=(ok & is_sink)[:, None], other=0.0),
+                tl.load(kring_ptr + ring_off, mask=(ok & ~is_sink)[:, None], other=0.0),
+            )
+            s = _mm(q_full, tl.trans(_cast(k.to(tl.float32), q_ptr, UPCAST)), True, PREC)
+            s = _scores_mask(
+                s, pos, ok, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
+            )
+            vs_off = bh64 * (S * DV) + sink_row[:, None] * DV + dv[None, :]
+            vr_off = bh64 * (W * DV) + slot[:, None] * DV + dv[None, :]
+            v = tl.where(
+                is_sink[:, None],
+                tl.load(vsink_ptr + vs_off, mask=(ok & is_sink)[:, None], other=0.0),
+                tl.load(vring_ptr + vr_off, mask=(ok & ~is_sink)[:, None], other=0.0),
+            )
+            v = _cast(v.to(tl.float32), q_ptr, UPCAST)
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, q_ptr, True, PREC, UPCAST)
+        if HAS_NEW:
+            # New full-precision tokens at positions [length, length + new_len), causal-limited.
+            last = tl.max(tl.where(row_ok, qpos, 0), axis=0) - length + 1
+            if not IS_CAUSAL:
+                last = new_len
+            n_new = tl.minimum(new_len, last)
+            nk_base = b.to(tl.int64) * snkb + h.to(tl.int64) * snkh
+            nv_base = b.to(tl.int64) * snvb + h.to(tl.int64) * snvh
+            for t0 in range(0, n_new, BLOCK_R):
+                j = t0 + r_idx
+                ok = j < n_new
+                jj = j.to(tl.int64)
+                k = tl.load(
+                    nk_ptr + nk_base + jj[:, None] * snkl + dk[None, :] * snkd, mask=ok[:, None], other=0.0
+                )
+                k = _cast(_cast(k.to(tl.float32), kring_ptr, UPCAST), q_ptr, UPCAST)
+                s = _mm(q_full, tl.trans(k), True, PREC)
+                s = _scores_mask(
+                    s, length + j, ok, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
+                )
+                v = tl.load(
+                    nv_ptr + nv_base + jj[:, None] * snvl + dv[None, :] * snvd, mask=ok[:, None], other=0.0
+                )
+                v = _cast(_cast(v.to(tl.float32), vring_ptr, UPCAST), q_ptr, UPCAST)
+                m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, q_ptr, True, PREC, UPCAST)
+    part = (bh64 * (num_splits + 1) + sp) * M + rows
+    tl.store(part_acc_ptr + part[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    sob,
+    soh,
+    sol,
+    sod,
+    num_parts,
+    H: tl.constexpr,
+    N_REP: tl.constexpr,
+    LQ: tl.constexpr,
+    M: tl.constexpr,
+    DV: tl.constexpr,
+    PARTS_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // M
+    r = pid % M
+    b = bh // H
+    head = (bh % H) * N_REP + r // LQ
+    qi = r % LQ
+    bh64 = bh.to(tl.int64)
+    sp = tl.arange(0, PARTS_P)
+    idx = (bh64 * num_parts + sp) * M + r
+    ms = tl.load(part_ml_ptr + idx * 2, mask=sp < num_parts, other=float("-inf"))
+    ls = tl.load(part_ml_ptr + idx * 2 + 1, mask=sp < num_parts, other=0.0)
+    m_max = tl.max(ms, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.sum(ls * tl.exp2(ms - m_safe), axis=0)
+    dv = tl.arange(0, DV)
+    acc = tl.zeros([DV], tl.float32)
+    for c0 in range(0, num_parts, BLOCK_S):
+        sp2 = c0 + tl.arange(0, BLOCK_S)
+        ok = sp2 < num_parts
+        idx2 = (bh64 * num_parts + sp2) * M + r
+        w = tl.exp2(tl.load(part_ml_ptr + idx2 * 2, mask=ok, other=float("-inf")) - m_safe)
+        a = tl.load(part_acc_ptr + idx2[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], axis=0)
+    out = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
+    o = (
+        out_ptr
+        + b.to(tl.int64) * sob
+        + head.to(tl.int64) * soh
+        + qi.to(tl.int64) * sol
+        + dv.to(tl.int64) * sod
+    )
+    tl.store(o, out.to(out_ptr.dtype.element_ty))
+
+
+def _length_arg(length: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, int, bool]:
+    if isinstance(length, torch.Tensor):
+        if length.numel() != 1 or length.dtype.is_floating_point or length.device != device:
+            raise ValueError(
+                f"decode_attention: a tensor length must be one integer element on {device}, got "
+                f"shape {tuple(length.shape)}, dtype {length.dtype}, device {length.device}"
+            )
+        return length.reshape(1), 0, True
+    length = int(length)
+    if length < 0:
+        raise ValueError(f"decode_attention: length={length} must be >= 0")
+    return None, length, False
+
+
+def decode_attention(
+    query: torch.Tensor,
+    store: KVStore,
+    length: int | torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    new_key: torch.Tensor | None = None,
+    new_value: torch.Tensor | None = None,
+    causal: bool = True,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+    fp_stages: int = 1,
+    gather: bool = False,
+) -> torch.Tensor:
+    """Attention of ``query`` over the first ``length`` stored tokens (plus optional new tokens).
+
+    Args:
+        query: ``[B, Hq, Lq, D]`` float16/bfloat16/float32, ``Hq`` a multiple of the store's KV heads.
+        store: the layer's ``KVStore`` (views of the packed blobs), on the query's device.
+        length: tokens of the store to attend to (positions ``0..length-1``): a Python int, or a
+            one-element integer tensor on the device (read in the kernel; CUDA-graph friendly).
+        attn_mask: optional bool (True = attend) or additive float mask broadcastable to
+            ``[B, Hq, Lq, >= total]`` indexed by key position (``total = length + new tokens``).
+        scale: softmax scale (default ``1 / sqrt(D)``).
+        new_key, new_value: optional ``[B, H, Ln, D]`` / ``[B, H, Ln, Dv]`` full-precision tokens at
+            positions ``length..length+Ln-1`` that are not in the store (rounded to the store dtype).
+        causal: query ``i`` sits at position ``total - Lq + i`` and sees keys at positions <= its own.
+        out: optional ``[B, Hq, Lq, Dv]`` output in the query dtype (any strides).
+        num_splits, block_m, num_warps, num_stages, fp_stages: tuning (splits over the packed groups;
+            query rows per program; warps per program; software-pipelining depth of the packed-group
+            loop and of the full-precision loop); ``gather`` unpacks codes with one byte load per code
+            instead of a vector load plus an in-register reshape.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` in ``query.dtype``; equals ``reference.attention(query, *store.read(length)
+        (concatenated with the new tokens), attn_mask, scale, total - Lq if causal else None)`` up to
+        float rounding.
+    """
+    lay = store.layout
+    if query.dim() != 4:
+        raise ValueError(f"decode_attention: query must be [B, Hq, Lq, D], got {tuple(query.shape)}")
+    bsz, hq, lq, d = query.shape
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"decode_attention: query dtype {query.dtype} not in float16/bfloat16/float32")
+    if bsz != lay.batch or d != lay.head_dim or hq % lay.heads:
+        raise ValueError(
+            f"decode_attention: query {tuple(query.shape)} does not match the store (batch {lay.batch}, "
+            f"{lay.heads} KV heads, head_dim {lay.head_dim})"
+        )
+    for name, dim in (("head_dim", d), ("value_dim", lay.value_dim), ("group_size", lay.group_size)):
+        if dim < 8 or dim & (dim - 1):
+            raise ValueError(f"decode_attention: {name}={dim} must be a power of two >= 8")
+    device = query.device
+    if store.keys["ring"].device != device:
+        raise ValueError(f"decode_attention: store on {store.keys['ring'].device}, query on {device}")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError("decode_attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    length_ptr, length_val, from_ptr = _length_arg(length, device)
+    has_new = new_key is not None
+    if has_new != (new_value is not None):
+        raise ValueError("decode_attention: pass both new_key and new_value or neither")
+    new_len = 0
+    if has_new:
+        new_len = new_key.shape[2]
+        if (
+            new_key.dim() != 4
+            or tuple(new_key.shape) != (bsz, lay.heads, new_len, d)
+            or tuple(new_value.shape) != (bsz, lay.heads, new_len, lay.value_dim)
+        ):
+            raise ValueError(
+                f"decode_attention: new_key {tuple(new_key.shape)} / new_value {tuple(new_value.shape)} must "
+                f"be [B, H, Ln, D] / [B, H, Ln, Dv] with B={bsz}, H={lay.heads}, D={d}, Dv={lay.value_dim}"
+            )
+    if not from_ptr and length_val > lay.capacity:
+        raise ValueError(f"decode_attention: length={length_val} exceeds the store capacity {lay.capacity}")
+    if not from_ptr and length_val + new_len < lq:
+        raise ValueError(f"decode_attention: {lq} queries but only {length_val + new_len} keys")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    n_rep = hq // lay.heads
+    rows = n_rep * lq
+    block_m = block_m or max(16, min(64, next_pow2(rows)))
+    q_blocks = triton.cdiv(rows, block_m)
+    bh = bsz * lay.heads
+
+    # Splits over the packed groups.
+    max_groups = lay.flushed_groups(length_val) if not from_ptr else lay.num_groups
+    if num_splits is None:
+        if device.type == "cuda":
+            target = 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            target = 2 * bh * q_blocks
+        num_splits = max(1, target // (bh * q_blocks))
+        num_splits = min(num_splits, triton.cdiv(max_groups, 4))
+    num_splits = max(0, min(int(num_splits), max_groups))
+    groups_per_split = triton.cdiv(max_groups, num_splits) if num_splits else 0
+    num_splits = triton.cdiv(max_groups, groups_per_split) if num_splits else 0
+
+    # Mask.
+    mask_kind, mask_t, mstrides = 0, query, (0, 0, 0, 0)
+    if attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if m.shape[-1] < length_val + new_len and not from_ptr:
+            raise ValueError(
+                f"decode_attention: attn_mask covers {m.shape[-1]} keys, {length_val + new_len} needed"
+            )
+        m = m.expand(bsz, hq, lq, m.shape[-1])
+        if m.dtype == torch.bool:
+            mask_kind, m = 1, m.view(torch.uint8)
+        else:
+            mask_kind = 2
+        if m.device != device:
+            raise ValueError(f"decode_attention: attn_mask on {m.device}, query on {device}")
+        mask_t, mstrides = m, tuple(m.stride())
+
+    if out is None:
+        out = torch.empty((bsz, hq, lq, lay.value_dim), dtype=query.dtype, device=device)
+    elif tuple(out.shape) != (bsz, hq, lq, lay.value_dim) or out.dtype != query.dtype:
+        raise ValueError(f"decode_attention: out must be {(bsz, hq, lq, lay.value_dim)} {query.dtype}")
+
+    keys, values = store.keys, store.values
+    tiers = []
+    for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
+        if channels == 0:
+            tiers.append((keys["ring"], keys["ring"], 0, 16, 16))
+        elif bits == 16:
+            tiers.append(
+                (keys[f"tier{t}_values"], keys["ring"], channels, bits, max(16, next_pow2(channels)))
+            )
+        else:
+            tiers.append(
+                (
+                    keys[f"tier{t}_codes"],
+                    keys[f"tier{t}_qparams"],
+                    channels,
+                    bits,
+                    max(16, next_pow2(channels)),
+                )
+            )
+    if lay.value_bits == 16:
+        vdata, vq = values["values"], values["ring"]
+    else:
+        vdata, vq = values["codes"], values["qparams"]
+    order = keys["order"] if lay.mixed_keys else keys["ring"]
+    vq32 = vq.view(torch.int32) if lay.value_bits != 16 else vq
+
+    parts = num_splits + 1
+    part_acc = torch.empty((bh, parts, rows, lay.value_dim), dtype=torch.float32, device=device)
+    part_ml = torch.empty((bh, parts, rows, 2), dtype=torch.float32, device=device)
+    nk = new_key if has_new else query
+    nv = new_value if has_new else query
+    prec = "ieee" if query.dtype == torch.float32 else "tf32"
+    # Measured on H200 (2026-11-26): 2 warps beat 4 by 1.4x on mixed tiers, 4 is best for one tier.
+    warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
+    args = [
+        query,
+        *query.stride(),
+        nk,
+        *(nk.stride() if has_new else (0, 0, 0, 0)),
+        nv,
+        *(nv.stride() if has_new else (0, 0, 0, 0)),
+        keys["sink"],
+        keys["ring"],
+        order,
+        tiers[0][0],
+        tiers[0][1],
+        tiers[1][0],
+        tiers[1][1],
+        tiers[2][0],
+        tiers[2][1],
+        values["sink"],
+        values["ring"],
+        vdata,
+        vq,
+        vq32,
+        mask_t,
+        *mstrides[:3],
+        mstrides[3],
+        part_acc,
+        part_ml,
+        length_ptr if from_ptr else part_ml,
+        length_val,
+        new_len,
+        scale * LOG2E,
+        groups_per_split,
+        num_splits,
+    ]
+    meta = dict(
+        H=lay.heads,
+        N_REP=n_rep,
+        LQ=lq,
+        M=rows,
+        BLOCK_M=block_m,
+        D=d,
+        DV=lay.value_dim,
+        G=lay.group_size,
+        S=lay.sink_tokens,
+        W=max(lay.window, 1),
+        R=lay.residual_length,
+        NG=lay.num_groups,
+        C0=tiers[0][2],
+        C1=tiers[1][2],
+        C2=tiers[2][2],
+        B0=tiers[0][3],
+        B1=tiers[1][3],
+        B2=tiers[2][3],
+        CP0=tiers[0][4],
+        CP1=tiers[1][4],
+        CP2=tiers[2][4],
+        MIXED=lay.mixed_keys,
+        VB=lay.value_bits,
+        VGS=lay.value_group_size,
+        BLOCK_R=64 if d <= 128 else 32,
+        MASK_KIND=mask_kind,
+        IS_CAUSAL=bool(causal),
+        LENGTH_FROM_PTR=from_ptr,
+        HAS_NEW=has_new,
+        GP=max(16, lay.group_size),
+        PREC=prec,
+        UPCAST=interpreting(),
+        GATHER=gather,
+    )
+    if num_splits:
+        _attn_split_kernel[(bh, num_splits, q_blocks)](
+            *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages
+        )
+    _attn_split_kernel[(bh, 1, q_blocks)](*args, **meta, FP_PART=True, num_warps=warps, num_stages=fp_stages)
+    _combine_kernel[(bh * rows,)](
+        part_acc,
+        part_ml,
+        out,
+        *out.stride(),
+        parts,
+        H=lay.heads,
+        N_REP=n_rep,
+        LQ=lq,
+        M=rows,
+        DV=lay.value_dim,
+        PARTS_P=next_pow2(parts),
+        BLOCK_S=min(16, next_pow2(parts)),
+        num_warps=4,
+    )
+    return out

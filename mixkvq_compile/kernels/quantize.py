@@ -1,0 +1,576 @@
+"""Quantize-and-pack kernels: flush whole groups of tokens into a ``KVStore`` (bit-exact with the store).
+
+- ``store_groups``: one program per (batch row, KV head, group); any number of groups per launch (a
+  one-group flush during decoding and the bulk path of a long prompt are the same kernel). Keys are
+  quantized per channel over the group's ``G`` tokens in the group's channel order (tier by tier),
+  values per token over ``value_group_size`` channels. The channel order itself (salience ranking)
+  is chosen in PyTorch by ``KVStore._choose_key_order`` unless the caller passes one.
+- ``write_tokens``: full-precision sink/ring writes of new tokens.
+- ``append``: ``KVStore.append`` on these kernels.
+
+Bit-exactness with ``reference.quantize_groups``: the same float32 operations in the same order, with
+IEEE division (``div_rn``), round-half-to-even through the 1.5 * 2**23 magic number, and the float16
+``zero`` moved one step down (``nextafter``) when rounding pushed it above the group minimum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..store import KVStore
+from ._runtime import interpreting, next_pow2, tl, triton
+
+__all__ = ["append", "store_groups", "write_tokens"]
+
+
+@triton.jit
+def _qparams(xmin, xmax, BITS: tl.constexpr):
+    """float16 (scale, zero) like ``reference.choose_qparams``."""
+    z16 = xmin.to(tl.float16)
+    zf = z16.to(tl.float32)
+    zb = z16.to(tl.int16, bitcast=True).to(tl.int32)
+    down = tl.where(zf > 0, zb - 1, tl.where(zf < 0, zb + 1, -32767))
+    z16 = tl.where(zf > xmin, down.to(tl.int16).to(tl.float16, bitcast=True), z16)
+    scale = tl.math.div_rn(xmax - z16.to(tl.float32), tl.full(xmax.shape, (1 << BITS) - 1, tl.float32))
+    return scale.to(tl.float16), z16
+
+
+@triton.jit
+def _quantize_pack(x, sc16, z16, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """float32 ``x [ROWS, N]``, per-row float16 (scale, zero) -> packed uint8 ``[ROWS, N * BITS // 8]``."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    MAXC: tl.constexpr = (1 << BITS) - 1
+    sc = sc16.to(tl.float32)
+    inv = tl.where(sc > 0, tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), tl.where(sc > 0, sc, 1.0)), 0.0)
+    y = (x - z16.to(tl.float32)[:, None]) * inv[:, None]
+    y = tl.minimum(tl.maximum(y, 0.0), MAXC * 1.0)
+    codes = ((y + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even
+    codes = tl.reshape(codes, (ROWS, N // PER_BYTE, PER_BYTE))
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    return tl.sum(codes << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _store_key_tier(
+    k_ptr,
+    k_base,
+    skl,
+    skd,
+    tok,
+    ord_ptr,
+    ord_base,
+    sod,
+    data_ptr,
+    qp_ptr,
+    bh64,
+    grp,
+    kv_ptr,
+    OFF: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    BITS: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    MIXED: tl.constexpr,
+):
+    ch = tl.arange(0, CP)
+    ch_ok = ch < C
+    if MIXED:
+        idx = tl.load(ord_ptr + ord_base + (OFF + ch).to(tl.int64) * sod, mask=ch_ok, other=0).to(tl.int64)
+    else:
+        idx = (OFF + ch).to(tl.int64)
+    x = tl.load(k_ptr + k_base + tok[None, :] * skl + idx[:, None] * skd, mask=ch_ok[:, None], other=0.0)
+    x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
+    g = tl.arange(0, G)
+    if BITS == 16:
+        dst = data_ptr + bh64 * (NG * C * G) + (grp * C + ch[:, None]) * G + g[None, :]
+        tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ch_ok[:, None])
+    else:
+        NB: tl.constexpr = G * BITS // 8
+        xmin = tl.min(x, axis=1)
+        xmax = tl.max(x, axis=1)
+        sc16, z16 = _qparams(xmin, xmax, BITS)
+        packed = _quantize_pack(x, sc16, z16, CP, G, BITS)
+        dst = data_ptr + bh64 * (NG * C * NB) + (grp * C + ch[:, None]) * NB + tl.arange(0, NB)[None, :]
+        tl.store(dst, packed, mask=ch_ok[:, None])
+        qp = qp_ptr + bh64 * (NG * C * 2) + (grp * C + ch) * 2
+        tl.store(qp, sc16, mask=ch_ok)
+        tl.store(qp + 1, z16, mask=ch_ok)
+
+
+@triton.jit(do_not_specialize=["first", "offset", "wrap"])
+def _store_groups_kernel(
+    k_ptr,
+    skb,
+    skh,
+    skl,
+    skd,
+    v_ptr,
+    svb,
+    svh,
+    svl,
+    svd,
+    ord_ptr,
+    sob,
+    soh,
+    son,
+    sod,
+    order_out_ptr,
+    k0_ptr,
+    kq0_ptr,
+    k1_ptr,
+    kq1_ptr,
+    k2_ptr,
+    kq2_ptr,
+    vdata_ptr,
+    vq_ptr,
+    kv_ptr,
+    first,
+    offset,
+    wrap,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    CP0: tl.constexpr,
+    CP1: tl.constexpr,
+    CP2: tl.constexpr,
+    MIXED: tl.constexpr,
+    VB: tl.constexpr,
+    VGS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    n = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    grp = first + n
+    g = tl.arange(0, G)
+    tok = ((offset + n * G + g) % wrap).to(tl.int64)
+    k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
+    if MIXED:
+        dd = tl.arange(0, D)
+        o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
+        tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
+    if C0 > 0:
+        _store_key_tier(
+            k_ptr,
+            k_base,
+            skl,
+            skd,
+            tok,
+            ord_ptr,
+            ord_base,
+            sod,
+            k0_ptr,
+            kq0_ptr,
+            bh64,
+            grp,
+            kv_ptr,
+            0,
+            C0,
+            CP0,
+            B0,
+            G,
+            NG,
+            MIXED,
+        )
+    if C1 > 0:
+        _store_key_tier(
+            k_ptr,
+            k_base,
+            skl,
+            skd,
+            tok,
+            ord_ptr,
+            ord_base,
+            sod,
+            k1_ptr,
+            kq1_ptr,
+            bh64,
+            grp,
+            kv_ptr,
+            C0,
+            C1,
+            CP1,
+            B1,
+            G,
+            NG,
+            MIXED,
+        )
+    if C2 > 0:
+        _store_key_tier(
+            k_ptr,
+            k_base,
+            skl,
+            skd,
+            tok,
+            ord_ptr,
+            ord_base,
+            sod,
+            k2_ptr,
+            kq2_ptr,
+            bh64,
+            grp,
+            kv_ptr,
+            C0 + C1,
+            C2,
+            CP2,
+            B2,
+            G,
+            NG,
+            MIXED,
+        )
+    v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    if VB == 16:
+        c = tl.arange(0, DV)
+        x = tl.load(v_ptr + v_base + tok[:, None] * svl + c[None, :].to(tl.int64) * svd)
+        dst = vdata_ptr + bh64 * (NG * G * DV) + (grp * G + g[:, None]) * DV + c[None, :]
+        tl.store(dst, x.to(vdata_ptr.dtype.element_ty))
+    else:
+        NVG: tl.constexpr = DV // VGS
+        VGB: tl.constexpr = VGS * VB // 8
+        rows = tl.arange(0, G * NVG)  # (token, channel group)
+        rtok = ((offset + n * G + rows // NVG) % wrap).to(tl.int64)
+        c = (rows % NVG)[:, None] * VGS + tl.arange(0, VGS)[None, :]
+        x = tl.load(v_ptr + v_base + rtok[:, None] * svl + c.to(tl.int64) * svd)
+        x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
+        sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
+        packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
+        dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
+        tl.store(dst + tl.arange(0, VGB)[None, :], packed)
+        qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
+        tl.store(qp, sc16)
+        tl.store(qp + 1, z16)
+
+
+def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
+    device = store.keys["ring"].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"mixkvq kernels: tensor on {t.device}, store on {device}")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError("mixkvq kernels: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    return device
+
+
+def _source_tokens(x: torch.Tensor, count: int, g: int, offset: int, wrap: int | None) -> torch.Tensor:
+    """``[B, H, count * G, D]`` source rows ``(offset + t) % wrap`` (for the PyTorch order choice)."""
+    idx = torch.arange(offset, offset + count * g, device=x.device)
+    if wrap is not None:
+        idx = idx % wrap
+    return x[:, :, idx]
+
+
+def store_groups(
+    store: KVStore,
+    first: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    count: int | None = None,
+    order: torch.Tensor | None = None,
+    offset: int = 0,
+    wrap: int | None = None,
+) -> None:
+    """Quantize and pack ``count`` groups into packed groups ``first .. first + count - 1``.
+
+    Args:
+        store: the layer's ``KVStore``.
+        first: index of the first packed group to write.
+        key, value: ``[B, H, T, D]`` / ``[B, H, T, Dv]`` source tokens (any strides, any float dtype;
+            rounded to the store dtype first, as ``KVStore.append`` does). Token ``t`` of group ``n`` is
+            source row ``(offset + n * G + t) % wrap`` (``wrap=None``: no wrap), so the ring buffer can
+            be the source.
+        count: groups to write (default ``(T - offset) // G``).
+        order: ``[B, H, count, D]`` integer channel permutation per group (high tier first, each tier
+            ascending); default: ``store._choose_key_order`` on the source keys (PyTorch). Ignored
+            when the layout has a single key tier.
+
+    Equivalent to ``KVStore._store_groups(first, keys, values)`` on the same tokens, bit for bit.
+    """
+    lay = store.layout
+    device = _check_device(store, key, value)
+    if key.dim() != 4 or key.shape[:2] != (lay.batch, lay.heads) or key.shape[3] != lay.head_dim:
+        raise ValueError(
+            f"store_groups: key must be [{lay.batch}, {lay.heads}, T, {lay.head_dim}], got {tuple(key.shape)}"
+        )
+    if value.dim() != 4 or value.shape[:3] != key.shape[:3] or value.shape[3] != lay.value_dim:
+        raise ValueError(
+            f"store_groups: value must be [{lay.batch}, {lay.heads}, T, {lay.value_dim}], got "
+            f"{tuple(value.shape)}"
+        )
+    g = lay.group_size
+    if count is None:
+        count = (key.shape[2] - offset) // g
+    if count <= 0:
+        return
+    if first < 0 or first + count > lay.num_groups:
+        raise ValueError(f"store_groups: groups {first}..{first + count - 1} outside 0..{lay.num_groups - 1}")
+    if wrap is None and offset + count * g > key.shape[2]:
+        raise ValueError(
+            f"store_groups: {count} groups from offset {offset} need more than {key.shape[2]} tokens"
+        )
+    if lay.mixed_keys:
+        if order is None:
+            k = _source_tokens(key, count, g, offset, wrap).to(lay.dtype).float()
+            k = k.reshape(lay.batch, lay.heads, count, g, lay.head_dim).transpose(-1, -2)
+            order = store._choose_key_order(k)
+        if tuple(order.shape) != (lay.batch, lay.heads, count, lay.head_dim) or order.dtype.is_floating_point:
+            raise ValueError(
+                f"store_groups: order must be integer [{lay.batch}, {lay.heads}, {count}, "
+                f"{lay.head_dim}], got {order.dtype} {tuple(order.shape)}"
+            )
+        order = order.to(device)
+        order_out = store.keys["order"]
+    else:
+        order = order_out = store.keys["ring"]
+    keys, values = store.keys, store.values
+    tiers = []
+    for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
+        if channels == 0:
+            tiers.append((keys["ring"], keys["ring"], 0, 16, 16))
+        elif bits == 16:
+            tiers.append((keys[f"tier{t}_values"], keys["ring"], channels, 16, max(16, next_pow2(channels))))
+        else:
+            tiers.append(
+                (
+                    keys[f"tier{t}_codes"],
+                    keys[f"tier{t}_qparams"],
+                    channels,
+                    bits,
+                    max(16, next_pow2(channels)),
+                )
+            )
+    if lay.value_bits == 16:
+        vdata, vq = values["values"], values["ring"]
+    else:
+        vdata, vq = values["codes"], values["qparams"]
+    big = 1 << 30
+    _store_groups_kernel[(lay.batch * lay.heads, count)](
+        key,
+        *key.stride(),
+        value,
+        *value.stride(),
+        order,
+        *(order.stride() if lay.mixed_keys else (0, 0, 0, 0)),
+        order_out,
+        tiers[0][0],
+        tiers[0][1],
+        tiers[1][0],
+        tiers[1][1],
+        tiers[2][0],
+        tiers[2][1],
+        vdata,
+        vq,
+        keys["ring"],
+        int(first),
+        int(offset),
+        int(wrap) if wrap is not None else big,
+        H=lay.heads,
+        D=lay.head_dim,
+        DV=lay.value_dim,
+        G=g,
+        NG=lay.num_groups,
+        C0=tiers[0][2],
+        C1=tiers[1][2],
+        C2=tiers[2][2],
+        B0=tiers[0][3],
+        B1=tiers[1][3],
+        B2=tiers[2][3],
+        CP0=tiers[0][4],
+        CP1=tiers[1][4],
+        CP2=tiers[2][4],
+        MIXED=lay.mixed_keys,
+        VB=lay.value_bits,
+        VGS=lay.value_group_size,
+        num_warps=4,
+    )
+
+
+@triton.jit(do_not_specialize=["start", "ring_from", "new_length"])
+def _write_tokens_kernel(
+    k_ptr,
+    skb,
+    skh,
+    skl,
+    skd,
+    v_ptr,
+    svb,
+    svh,
+    svl,
+    svd,
+    ksink_ptr,
+    kring_ptr,
+    vsink_ptr,
+    vring_ptr,
+    khdr_ptr,
+    vhdr_ptr,
+    start,
+    ring_from,
+    new_length,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    S: tl.constexpr,
+    W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    LQ: tl.constexpr,
+    SET_LENGTH: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    tb = tl.program_id(1)
+    if SET_LENGTH:  # the store header's token count (field 2 of both blobs), CUDA-graph friendly
+        first = (bh == 0) & (tb == 0)
+        tl.store(khdr_ptr + 2, new_length.to(tl.int64), mask=first)
+        tl.store(vhdr_ptr + 2, new_length.to(tl.int64), mask=first)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    j = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = j < LQ
+    pos = start + j
+    is_sink = pos < S
+    to_ring = (pos >= ring_from) & (pos >= S) & ok
+    slot = tl.where(pos >= S, (pos - S) % W, 0)
+    srow = tl.where(is_sink, pos, 0)
+    dk = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    jj = j.to(tl.int64)
+    k = tl.load(
+        k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh + jj[:, None] * skl + dk[None, :] * skd,
+        mask=ok[:, None],
+        other=0.0,
+    ).to(kring_ptr.dtype.element_ty)
+    v = tl.load(
+        v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + jj[:, None] * svl + dv[None, :] * svd,
+        mask=ok[:, None],
+        other=0.0,
+    ).to(vring_ptr.dtype.element_ty)
+    tl.store(kring_ptr + bh64 * (W * D) + slot[:, None] * D + dk[None, :], k, mask=to_ring[:, None])
+    tl.store(vring_ptr + bh64 * (W * DV) + slot[:, None] * DV + dv[None, :], v, mask=to_ring[:, None])
+    if S > 0:
+        sink_ok = (is_sink & ok)[:, None]
+        tl.store(ksink_ptr + bh64 * (S * D) + srow[:, None] * D + dk[None, :], k, mask=sink_ok)
+        tl.store(vsink_ptr + bh64 * (S * DV) + srow[:, None] * DV + dv[None, :], v, mask=sink_ok)
+
+
+def write_tokens(
+    store: KVStore,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: int,
+    *,
+    ring_from: int | None = None,
+    set_length: int | None = None,
+) -> None:
+    """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..`` in full precision.
+
+    Positions below ``sink_tokens`` go to the sinks; positions ``>= max(sink_tokens, ring_from)`` go to
+    ring slot ``(p - S) % W`` (``ring_from`` defaults to ``start``); nothing else is written. With
+    ``set_length`` the same launch also stores the token count in both headers (no host copy).
+    """
+    lay = store.layout
+    _check_device(store, key, value)
+    lq = key.shape[2]
+    if tuple(key.shape) != (lay.batch, lay.heads, lq, lay.head_dim) or tuple(value.shape) != (
+        lay.batch,
+        lay.heads,
+        lq,
+        lay.value_dim,
+    ):
+        raise ValueError(
+            f"write_tokens: key {tuple(key.shape)} / value {tuple(value.shape)} do not match the store"
+        )
+    if lq == 0:
+        if set_length is not None:
+            store.set_length(set_length)
+        return
+    block_t = min(16, next_pow2(lq))
+    _write_tokens_kernel[(lay.batch * lay.heads, triton.cdiv(lq, block_t))](
+        key,
+        *key.stride(),
+        value,
+        *value.stride(),
+        store.keys["sink"],
+        store.keys["ring"],
+        store.values["sink"],
+        store.values["ring"],
+        store.keys["header"],
+        store.values["header"],
+        int(start),
+        int(start if ring_from is None else ring_from),
+        int(set_length or 0),
+        H=lay.heads,
+        D=lay.head_dim,
+        DV=lay.value_dim,
+        S=lay.sink_tokens,
+        W=max(lay.window, 1),
+        BLOCK_T=block_t,
+        LQ=lq,
+        SET_LENGTH=set_length is not None,
+        num_warps=4,
+    )
+
+
+def append(
+    store: KVStore, key: torch.Tensor, value: torch.Tensor, start: int, *, length: int | None = None
+) -> None:
+    """``KVStore.append`` on the Triton kernels (same checks, same resulting store, bit for bit).
+
+    ``length`` is the store's current length; pass it when known to skip reading the header (a sync).
+    """
+    lay = store.layout
+    length = store.length if length is None else int(length)
+    lq = key.shape[2]
+    if start > length:
+        raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
+    kept_flushed = lay.sink_tokens + lay.flushed_groups(length) * lay.group_size
+    if start < length and start < kept_flushed and start >= lay.sink_tokens:
+        raise ValueError(
+            f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
+            "rewinding a cache is supported only within the full-precision window"
+        )
+    end = start + lq
+    if end > lay.capacity:
+        raise ValueError(
+            f"mixkvq store: {end} tokens exceed the cache capacity of {lay.capacity} "
+            "(max_cache_len); allocate a larger cache"
+        )
+    s, g, w = lay.sink_tokens, lay.group_size, max(lay.window, 1)
+    old_groups = lay.flushed_groups(min(start, length))
+    new_groups = lay.flushed_groups(end)
+    pending_start = s + old_groups * g
+    flush = new_groups - old_groups
+    remain_start = pending_start + flush * g
+    if end - pending_start <= w:
+        # Every pending token fits the ring: write the new ones there, then flush from the ring.
+        write_tokens(store, key, value, start, ring_from=start, set_length=end)
+        if flush:
+            store_groups(
+                store,
+                old_groups,
+                store.keys["ring"],
+                store.values["ring"],
+                count=flush,
+                offset=(pending_start - s) % w,
+                wrap=w,
+            )
+    else:
+        if flush:
+            if pending_start >= start:
+                store_groups(store, old_groups, key, value, count=flush, offset=pending_start - start)
+            else:  # old ring tokens followed by new ones: gather them (rare: a long chunk after a short one)
+                old = (torch.arange(pending_start, start, device=key.device) - s) % w
+                src_k = torch.cat([store.keys["ring"][:, :, old], key.to(lay.dtype)], dim=2)
+                src_v = torch.cat([store.values["ring"][:, :, old], value.to(lay.dtype)], dim=2)
+                store_groups(store, old_groups, src_k, src_v, count=flush)
+        write_tokens(store, key, value, start, ring_from=remain_start, set_length=end)

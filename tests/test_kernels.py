@@ -1,0 +1,312 @@
+"""Triton kernels against the PyTorch store/reference (CPU: Triton interpreter; GPU: compiled).
+
+Small odd shapes on the CPU (3 sequences, 5 query heads over 1 KV head, residual 32, group 32), larger
+GQA shapes on a GPU only. Outputs are poisoned with NaN before every launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mixkvq_compile import reference  # noqa: E402
+from mixkvq_compile.config import PRESETS, KeyTiering, MixKVQConfig  # noqa: E402
+from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU (large grids are too slow in the interpreter)"
+)
+
+# Relative error ||out - ref|| / ||ref|| against a float32 reference on the same dequantized K/V.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+MIX = MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2)
+CONFIGS = {
+    "kivi2": PRESETS["kivi2"],
+    "mix": MIX,
+    "mix_sinks_v4": dataclasses.replace(MIX, sink_tokens=3, value_bits=4, value_group_size=16),
+    "kivi4": PRESETS["kivi4"],
+    "passthrough": PRESETS["passthrough"],
+    "mix_uniform_keys_v16": MixKVQConfig(
+        key_tier_fractions=(0.0, 0.0), key_tiering=KeyTiering.UNIFORM, value_bits=16
+    ),
+}
+
+
+def _store(
+    config,
+    batch=3,
+    heads=1,
+    capacity=160,
+    head_dim=64,
+    dtype=torch.float16,
+    tokens=130,
+    seed=0,
+    chunks=(77,),
+    residual=32,
+    group=32,
+):
+    """A store holding ``tokens`` random tokens, written by ``KVStore.append`` in the given chunks."""
+    config = dataclasses.replace(config, residual_length=residual, group_size=group)
+    lay = StoreLayout.create(config, batch, heads, capacity, head_dim, head_dim, dtype)
+    store = KVStore.open(lay, *allocate(lay, DEVICE))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if lay.salience:
+        store.keys["query_abs_sum"].copy_(torch.rand(batch, heads, head_dim, generator=gen))
+        store.keys["query_count"].fill_(4.0)
+    k = (torch.randn(batch, heads, tokens, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    v = torch.randn(batch, heads, tokens, head_dim, generator=gen).to(dtype).to(DEVICE)
+    start = 0
+    for end in (*(c for c in chunks if c < tokens), tokens):
+        store.append(k[:, :, start:end], v[:, :, start:end], start)
+        start = end
+    return store
+
+
+def _reference(query, store, length, mask, scale, causal, new=None):
+    k, v = store.read(length)
+    if new is not None:
+        k = torch.cat([k, new[0].to(k.dtype)], dim=2)
+        v = torch.cat([v, new[1].to(v.dtype)], dim=2)
+    total = k.shape[2]
+    if mask is not None:
+        mask = mask[..., :total]
+        if mask.dtype != torch.bool:
+            mask = mask.float()
+    causal_start = total - query.shape[2] if causal else None
+    return reference.attention(query.float(), k.float(), v.float(), mask, scale, causal_start)
+
+
+def _rel(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _run(query, store, length, mask=None, causal=True, new=None, **kw):
+    lay = store.layout
+    out = torch.full((*query.shape[:3], lay.value_dim), float("nan"), dtype=query.dtype, device=DEVICE)
+    scale = 0.7 / lay.head_dim**0.5
+    kwargs = {"new_key": new[0], "new_value": new[1]} if new is not None else {}
+    res = decode_attention(query, store, length, mask, scale, causal=causal, out=out, **kwargs, **kw)
+    assert res is out
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    return out, _reference(query, store, int(length), mask, scale, causal, new)
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("kivi2", torch.float16),
+        ("mix", torch.bfloat16),
+        ("mix_sinks_v4", torch.float16),
+        ("kivi4", torch.float32),
+        ("passthrough", torch.bfloat16),
+        ("mix_uniform_keys_v16", torch.float16),
+    ],
+)
+def test_decode_matches_reference(name, dtype):
+    store = _store(CONFIGS[name], dtype=dtype, seed=hash(name) % 1000)
+    for length in (77, 130):
+        query = torch.randn(3, 5, 1, 64, dtype=dtype, device=DEVICE)
+        out, ref = _run(query, store, length, num_splits=2)
+        assert _rel(out, ref) < TOL[dtype], (name, length)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_decode_tensor_length_and_left_padded_mask(gather):
+    store = _store(MIX, seed=1)
+    query = torch.randn(3, 5, 1, 64, dtype=torch.float16, device=DEVICE)
+    length = torch.tensor([130], device=DEVICE)
+    mask = torch.ones(3, 1, 1, 160, dtype=torch.bool, device=DEVICE)
+    mask[0, :, :, :40] = False  # left padding of row 0 spans packed groups
+    mask[2, :, :, :3] = False
+    out, ref = _run(query, store, length, mask=mask, gather=gather)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_decode_additive_mask_and_query_chunk():
+    store = _store(PRESETS["kivi2"], seed=2)
+    query = torch.randn(3, 5, 4, 64, dtype=torch.float16, device=DEVICE)  # Lq = 4, causal
+    mask = torch.randn(3, 1, 4, 130, device=DEVICE).to(torch.float16)
+    out, ref = _run(query, store, 130, mask=mask, num_splits=1)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_decode_with_new_tokens_causal_chunk():
+    """ops.kv_attention semantics: stored prefix (quantized) + a full-precision chunk of new tokens."""
+    dtype = torch.bfloat16
+    store = _store(dataclasses.replace(MIX, sink_tokens=2), dtype=dtype, seed=3)
+    new_k = torch.randn(3, 1, 7, 64, dtype=dtype, device=DEVICE)
+    new_v = torch.randn(3, 1, 7, 64, dtype=dtype, device=DEVICE)
+    query = torch.randn(3, 5, 7, 64, dtype=dtype, device=DEVICE)
+    mask = torch.ones(3, 1, 7, 160, dtype=torch.bool, device=DEVICE)
+    mask[1, :, :, :50] = False
+    out, ref = _run(query, store, 101, mask=mask, new=(new_k, new_v), num_splits=2)
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "head_dim,group,gather", [(128, 32, False), (256, 32, True), (64, 8, False), (64, 8, True)]
+)
+def test_decode_head_dims_and_small_groups(head_dim, group, gather):
+    store = _store(
+        MIX, heads=1, head_dim=head_dim, batch=1, tokens=100, residual=group * 2, group=group, seed=4
+    )
+    query = torch.randn(1, 2, 1, head_dim, dtype=torch.float16, device=DEVICE)
+    out, ref = _run(query, store, 100, num_splits=2, gather=gather)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_decode_short_sequence_no_groups():
+    store = _store(dataclasses.replace(MIX, sink_tokens=4), tokens=20, chunks=(3,), seed=5)
+    for length in (2, 20):
+        query = torch.randn(3, 5, 1, 64, dtype=torch.float16, device=DEVICE)
+        out, ref = _run(query, store, length)
+        assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_decode_rejects_bad_inputs():
+    store = _store(PRESETS["kivi2"], tokens=40, seed=6)
+    with pytest.raises(ValueError, match="does not match the store"):
+        decode_attention(torch.randn(3, 5, 1, 32, device=DEVICE), store, 40)
+    with pytest.raises(ValueError, match="attn_mask covers"):
+        decode_attention(
+            torch.randn(3, 5, 1, 64, device=DEVICE),
+            store,
+            40,
+            torch.ones(3, 1, 1, 20, dtype=torch.bool, device=DEVICE),
+        )
+
+
+def _stores_equal(a: KVStore, b: KVStore, length: int) -> None:
+    for side_a, side_b in ((a.keys, b.keys), (a.values, b.values)):
+        for name in side_a:
+            if name in ("ring", "header"):
+                continue  # stale ring slots may differ; live ones are compared through read()
+            assert torch.equal(side_a[name].view(torch.uint8), side_b[name].view(torch.uint8)), name
+    ka, va = a.read(length)
+    kb, vb = b.read(length)
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert a.length == b.length == length
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("kivi2", torch.float16),
+        ("mix", torch.bfloat16),
+        ("mix_sinks_v4", torch.float16),
+        ("passthrough", torch.float16),
+        ("mix_uniform_keys_v16", torch.bfloat16),
+    ],
+)
+def test_append_bit_exact(name, dtype):
+    """Bulk prompt, a chunk that mixes old ring tokens with new ones, and single tokens across a flush."""
+    config = dataclasses.replace(CONFIGS[name], residual_length=32, group_size=32)
+    lay = StoreLayout.create(config, 2, 1, 200, 64, 64, dtype)
+    stores = [KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2)]
+    for st in stores:  # the same bytes everywhere outside the live data
+        for side in (st.keys, st.values):
+            for region, t in side.items():
+                if region != "header":
+                    t.view(torch.uint8).zero_()
+        if lay.salience:
+            st.keys["query_abs_sum"].copy_(
+                torch.arange(64, device=DEVICE).float().remainder(7).expand(2, 1, 64)
+            )
+            st.keys["query_count"].fill_(2.0)
+    k = (torch.randn(2, 1, 170, 64) * 3).to(dtype).to(DEVICE)
+    v = torch.randn(2, 1, 170, 64).to(dtype).to(DEVICE)
+    for start, end in ((0, 77), (77, 130), (130, 131), (131, 139), (139, 140), (140, 170)):
+        stores[0].append(k[:, :, start:end], v[:, :, start:end], start)
+        qkern.append(stores[1], k[:, :, start:end], v[:, :, start:end], start)
+        _stores_equal(stores[0], stores[1], end)
+
+
+def test_store_groups_bulk_with_explicit_order():
+    """Many groups in one launch from a strided source, with a caller-chosen channel order."""
+    lay = StoreLayout.create(MIX, 2, 2, 300, 64, 64, torch.float16)
+    a, b = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
+    k = torch.randn(2, 200, 2, 64, device=DEVICE).to(torch.float16).transpose(1, 2)  # non-contiguous
+    v = torch.randn(2, 2, 200, 64, device=DEVICE).to(torch.float16)
+    count = 5
+    kk = k[:, :, 8 : 8 + count * 32].float().reshape(2, 2, count, 32, 64).transpose(-1, -2)
+    order = a._choose_key_order(kk)
+    a._store_groups(0, k[:, :, 8 : 8 + count * 32], v[:, :, 8 : 8 + count * 32])
+    qkern.store_groups(b, 0, k, v, count=count, order=order.to(torch.int32), offset=8)
+    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
+        assert torch.equal(a.keys[name][:, :, :count], b.keys[name][:, :, :count]), name
+    for name in ("codes", "qparams"):
+        assert torch.equal(a.values[name][:, :, :count], b.values[name][:, :, :count]), name
+
+
+def test_quantize_rounding_edge_cases():
+    """Ties at half a step, constant groups (scale 0) and negative zero points survive bit-exactly."""
+    lay = StoreLayout.create(PRESETS["kivi2"], 1, 1, 200, 64, 64, torch.float32)
+    a, b = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
+    k = torch.randn(1, 1, 64, 64, device=DEVICE)
+    k[..., :32, 0] = 1.0  # a constant channel in group 0
+    k[..., :32, 1] = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.0, 1.0, 2.0, 0.5] * 4)  # step 1: exact ties at .5
+    k[..., 32:, 2] = torch.tensor([1e-8, -1e-8] * 16)  # zero point next to 0
+    v = k.clone()
+    a._store_groups(0, k, v)
+    qkern.store_groups(b, 0, k, v)
+    for name in ("tier2_codes", "tier2_qparams"):
+        assert torch.equal(a.keys[name][:, :, :2], b.keys[name][:, :, :2]), name
+    assert torch.equal(a.values["codes"][:, :, :2], b.values["codes"][:, :, :2])
+    assert torch.equal(a.values["qparams"][:, :, :2], b.values["qparams"][:, :, :2])
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["kivi2", "mix"])
+def test_decode_gpu_gqa_large(name):
+    torch.manual_seed(0)
+    store = _store(
+        CONFIGS[name],
+        batch=2,
+        heads=8,
+        capacity=4096,
+        head_dim=128,
+        tokens=4000,
+        chunks=(3001,),
+        residual=128,
+        group=32,
+    )
+    for dtype in (torch.float16, torch.bfloat16):
+        for gather in (False, True):
+            query = torch.randn(2, 32, 1, 128, dtype=dtype, device=DEVICE)
+            out, ref = _run(query.to(dtype), store, 4000, gather=gather)
+            assert _rel(out, ref) < TOL[dtype]
+    query = torch.randn(2, 32, 16, 128, dtype=torch.float16, device=DEVICE)
+    out, ref = _run(query, store, 4000)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+@gpu_only
+def test_append_gpu_prompt_bit_exact():
+    lay = StoreLayout.create(MIX, 2, 8, 4096, 128, 128, torch.bfloat16)
+    a, b = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
+    for st in (a, b):
+        st.keys["query_abs_sum"].fill_(1.0)
+        st.keys["query_count"].fill_(1.0)
+    k = torch.randn(2, 8, 3000, 128, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(2, 8, 3000, 128, device=DEVICE, dtype=torch.bfloat16)
+    a.append(k, v, 0)
+    qkern.append(b, k, v, 0)
+    groups = lay.flushed_groups(3000)
+    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
+        assert torch.equal(a.keys[name][:, :, :groups], b.keys[name][:, :, :groups]), name
+    assert torch.equal(a.values["codes"][:, :, :groups], b.values["codes"][:, :, :groups])
+    assert torch.equal(a.values["qparams"][:, :, :groups], b.values["qparams"][:, :, :groups])
