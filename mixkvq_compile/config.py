@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import math
+import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -21,20 +24,59 @@ from typing import Any
 KEY_TIER_BITS_ALLOWED = (2, 4, 16)
 VALUE_BITS_ALLOWED = (2, 4, 16)
 GROUP_SIZES_ALLOWED = (8, 16, 32, 64, 128)
-LAYER_OVERRIDE_FIELDS = ("key_bits", "key_tier_fractions", "key_tiering", "value_bits")
+LAYER_OVERRIDE_FIELDS = (
+    "key_bits",
+    "key_bits_budget",
+    "key_thresholds",
+    "key_tier_fractions",
+    "key_tiering",
+    "residual_length",
+    "value_bits",
+)
+PLAN_FORMAT = "mixkvq-layer-plan"
+KEY_TIERING_ALIASES = {"salience": "budget"}  # old name -> policy
 
 
 class KeyTiering(str, enum.Enum):
     """How the channels of each flushed key group are assigned to the high/mid/low tiers.
 
-    UNIFORM:  every channel in one tier (KIVI); the tier fractions must put all channels in one tier.
-    SALIENCE: MixKVQ query-aware salience A_d = I_d * S_d, with I_d the running mean |q_d| (post-RoPE,
-              over the query heads of the KV head) and S_d the channel's 2-bit step in the group; the
-              ``key_tier_fractions`` highest-salience channels go to the high and mid tiers.
+    The store's layout is static: every group of a layer keeps the same number of channels per tier
+    (``MixKVQConfig.tier_channels``), so a policy decides *which* channels fill the tiers and, through
+    the config, *how many* per layer. Scores per channel d of a group of G tokens (MixKVQ):
+    I_d = running mean |q_d| (post-RoPE, mean over the query heads of the KV head and over every query
+    of the sequence so far, prefill and decode); S_d = (max k_d - min k_d) / 3 (the 2-bit step of the
+    channel over the group); A_d = I_d * S_d. Channels are ranked by their score; the highest fill the
+    high tier, the next the mid tier, the rest the low tier.
+
+    UNIFORM:    every channel in one tier (KIVI); no score, no per-group channel order.
+    BUDGET:     rank by A_d; tier sizes from ``key_bits_budget`` (a target mean of nominal key bits per
+                channel, the same for every group of the layer) or, without a budget, from
+                ``key_tier_fractions``. Portable across models. ``"salience"`` is an accepted alias.
+    THRESHOLDS: the paper's two absolute thresholds ``key_thresholds = (tau_high, tau_mid)`` on A_d.
+                With a static layout a tier cannot grow or shrink per group, so the thresholds set the
+                *sizes* of the tiers (``key_tier_fractions`` per layer, calibrated offline by
+                ``mixkvq_compile.profiler.calibrate_thresholds``: the mean share of channels above each
+                threshold) and at run time the channels fill the tiers in score order. When more
+                channels pass tau_high than the high tier holds, the lowest-scoring of them go to the
+                mid tier (then low); when fewer pass, the free high slots take the next channels by
+                score (they are paid for in memory anyway, and promotion only lowers the error).
+    DIFFICULTY: rank by S_d alone (no query statistics); tier sizes as for BUDGET. The ablation.
     """
 
     UNIFORM = "uniform"
-    SALIENCE = "salience"
+    BUDGET = "budget"
+    THRESHOLDS = "thresholds"
+    DIFFICULTY = "difficulty"
+    SALIENCE = "budget"  # alias: the policy's first name
+
+    @classmethod
+    def _missing_(cls, value: object) -> KeyTiering | None:
+        return cls(KEY_TIERING_ALIASES[value]) if value in KEY_TIERING_ALIASES else None
+
+    @property
+    def query_aware(self) -> bool:
+        """True when the policy needs the query statistic I_d."""
+        return self in (KeyTiering.BUDGET, KeyTiering.THRESHOLDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +88,15 @@ class MixKVQConfig:
         key_tier_fractions: share of each key group's channels in the (high, mid) tiers; the rest
             is low. The counts are ``round(fraction * head_dim)`` and fixed per layer, so the store has
             a static size (CUDA-graph friendly); the tiering policy only decides *which* channels.
+            With ``key_bits_budget`` set, only the high fraction is used (as an upper bound).
         key_tiering: policy choosing the channels of each tier (see ``KeyTiering``).
+        key_bits_budget: target mean of nominal key bits per channel (e.g. 2.5); sets the tier sizes
+            (see ``tier_channels``): never exceeded, met exactly when ``budget * head_dim`` is reachable
+            with the tier widths. With ``key_tiering="uniform"`` it must equal one of ``key_bits``
+            (every channel in that tier). None: sizes from ``key_tier_fractions``.
+        key_thresholds: ``(tau_high, tau_mid)`` on A_d for ``key_tiering="thresholds"`` (required there,
+            ignored elsewhere); tau_high >= tau_mid >= 0. The paper's pairs are for its models (e.g.
+            R1-Llama-8B (1.44, 0.79)); absolute thresholds do not transfer between models.
         value_bits: bits of every value element, in {16, 4, 2}; values are quantized per token.
         group_size: tokens per key quantization group (keys are quantized per channel over this many
             tokens); tokens leave the residual window one whole group at a time.
@@ -56,17 +106,23 @@ class MixKVQConfig:
         sink_tokens: first tokens of the sequence kept in full precision forever (0 = none).
         layer_overrides: ``{layer_index: {field: value}}`` for fields in ``LAYER_OVERRIDE_FIELDS``;
             layer_index counts attention sites in graph order (the model's layer order).
+        layer_plan: path of a JSON layer plan written by ``mixkvq-profile`` (KVmix bits and/or
+            calibrated threshold tier sizes); its ``layer_overrides`` are loaded, and entries given in
+            ``layer_overrides`` win field by field. See ``load_layer_plan``.
     """
 
     key_bits: tuple[int, int, int] = (16, 4, 2)
     key_tier_fractions: tuple[float, float] = (1 / 32, 1 / 8)
-    key_tiering: KeyTiering = KeyTiering.SALIENCE
+    key_tiering: KeyTiering = KeyTiering.BUDGET
+    key_bits_budget: float | None = None
+    key_thresholds: tuple[float, float] | None = None
     value_bits: int = 2
     group_size: int = 32
     value_group_size: int = 32
     residual_length: int = 128
     sink_tokens: int = 0
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    layer_plan: str | None = None
 
     def __post_init__(self) -> None:
         _set(self, "key_bits", tuple(self.key_bits))
@@ -100,20 +156,103 @@ class MixKVQConfig:
                 f"residual_length={self.residual_length}: must be a multiple of group_size="
                 f"{self.group_size} (tokens leave the window one group at a time)"
             )
-        _set(self, "layer_overrides", _freeze_overrides(self.layer_overrides, self))
+        self._check_budget_and_thresholds()
+        overrides = self.layer_overrides
+        if self.layer_plan is not None:
+            if not isinstance(self.layer_plan, (str, os.PathLike)):
+                raise ValueError(f"layer_plan={self.layer_plan!r}: expected the path of a JSON layer plan")
+            _set(self, "layer_plan", os.fspath(self.layer_plan))
+            overrides = _merge_overrides(load_layer_plan(self.layer_plan), overrides)
+        _set(self, "layer_overrides", _freeze_overrides(overrides, self))
+
+    def _check_budget_and_thresholds(self) -> None:
+        budget = self.key_bits_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+                raise ValueError(f"key_bits_budget={budget!r}: expected a number of bits or None")
+            _set(self, "key_bits_budget", float(budget))
+            low, high = min(self.key_bits), max(self.key_bits)
+            if self.key_tiering is KeyTiering.UNIFORM:
+                if budget not in self.key_bits:
+                    raise ValueError(
+                        f"key_bits_budget={budget!r} with key_tiering='uniform': uniform tiering puts every "
+                        f"channel in one tier, so the budget must be one of key_bits={self.key_bits}"
+                    )
+            elif not low <= budget <= high:
+                raise ValueError(
+                    f"key_bits_budget={budget!r}: expected a mean key width between the lowest and the "
+                    f"highest of key_bits={self.key_bits}, i.e. in [{low}, {high}]"
+                )
+            elif not self.key_bits[0] > self.key_bits[1] > self.key_bits[2]:
+                raise ValueError(
+                    f"key_bits={self.key_bits} with key_bits_budget: the (high, mid, low) widths must be "
+                    "strictly decreasing, e.g. (16, 4, 2)"
+                )
+        thresholds = self.key_thresholds
+        if thresholds is not None:
+            try:
+                pair = tuple(float(t) for t in thresholds)
+            except (TypeError, ValueError):
+                pair = ()
+            if len(pair) != 2 or not (pair[0] >= pair[1] >= 0.0) or not all(map(math.isfinite, pair)):
+                raise ValueError(
+                    f"key_thresholds={thresholds!r}: expected (tau_high, tau_mid) with "
+                    "tau_high >= tau_mid >= 0"
+                )
+            _set(self, "key_thresholds", pair)
+        if self.key_tiering is KeyTiering.THRESHOLDS and thresholds is None:
+            raise ValueError(
+                "key_tiering='thresholds' needs key_thresholds=(tau_high, tau_mid); their tier sizes per "
+                "layer come from key_tier_fractions (calibrate them with `mixkvq-profile --thresholds`)"
+            )
 
     def for_layer(self, layer_index: int) -> MixKVQConfig:
         """The config of one attention layer: this config with its ``layer_overrides`` applied."""
         overrides = self.layer_overrides.get(layer_index)
         if not overrides:
-            return self if not self.layer_overrides else dataclasses.replace(self, layer_overrides={})
-        return dataclasses.replace(self, layer_overrides={}, **overrides)
+            if not self.layer_overrides and self.layer_plan is None:
+                return self
+            return dataclasses.replace(self, layer_overrides={}, layer_plan=None)
+        return dataclasses.replace(self, layer_overrides={}, layer_plan=None, **overrides)
 
     def tier_channels(self, head_dim: int) -> tuple[int, int, int]:
-        """Channels per key group in the (high, mid, low) tiers for a given head_dim."""
-        high = round(self.key_tier_fractions[0] * head_dim)
-        mid = min(round(self.key_tier_fractions[1] * head_dim), head_dim - high)
+        """Channels per key group in the (high, mid, low) tiers for a given head_dim.
+
+        Without ``key_bits_budget``: ``round(fraction * head_dim)`` for the high and mid tiers. With a
+        budget of b bits (total ``floor(b * head_dim)`` bits per token of a group): start with every
+        channel low; give the high tier ``round(key_tier_fractions[0] * head_dim)`` channels or as many
+        as the budget affords; spend the rest on mid channels; if every remaining channel is mid and
+        bits are left, upgrade mid channels to high. Example, head_dim 64, (16, 4, 2) bits, default
+        high fraction 1/32: b=2.5 -> (2, 2, 60), b=3.0 -> (2, 18, 44), b=2.3 -> (1, 2, 61) (2.28 bits).
+        """
+        if self.key_bits_budget is None:
+            high = round(self.key_tier_fractions[0] * head_dim)
+            mid = min(round(self.key_tier_fractions[1] * head_dim), head_dim - high)
+            return high, mid, head_dim - high - mid
+        if self.key_tiering is KeyTiering.UNIFORM:
+            counts = [0, 0, 0]
+            counts[self.key_bits.index(int(self.key_bits_budget))] = head_dim
+            return counts[0], counts[1], counts[2]
+        b_high, b_mid, b_low = self.key_bits
+        spare = math.floor(self.key_bits_budget * head_dim + 1e-6) - b_low * head_dim
+        high = min(round(self.key_tier_fractions[0] * head_dim), spare // (b_high - b_low), head_dim)
+        spare -= high * (b_high - b_low)
+        mid = min(head_dim - high, spare // (b_mid - b_low))
+        spare -= mid * (b_mid - b_low)
+        if high + mid == head_dim:
+            upgrade = min(mid, spare // (b_high - b_mid))
+            high, mid = high + upgrade, mid - upgrade
         return high, mid, head_dim - high - mid
+
+    def key_bits_nominal(self, head_dim: int) -> float:
+        """Mean nominal code bits per key element of a packed group (no scales, zeros or order)."""
+        channels = self.tier_channels(head_dim)
+        return sum(c * b for c, b in zip(channels, self.key_bits)) / head_dim
+
+    @classmethod
+    def from_plan(cls, path: str | os.PathLike, **fields: Any) -> MixKVQConfig:
+        """A config whose ``layer_overrides`` come from the JSON plan at ``path`` (plus ``fields``)."""
+        return cls(layer_plan=os.fspath(path), **fields)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> MixKVQConfig:
@@ -128,6 +267,47 @@ class MixKVQConfig:
         return dataclasses.replace(base, **options) if options else base
 
 
+def load_layer_plan(path: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """The ``layer_overrides`` of a JSON layer plan written by ``mixkvq-profile``.
+
+    The file is ``{"format": "mixkvq-layer-plan", "version": 1, "layer_overrides": {"0": {...}, ...},
+    ...}`` (other keys, e.g. the profiler's scores, are informational). ``ValueError`` naming the file
+    for a missing file, bad JSON or another format.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            plan = json.load(file)
+    except OSError as error:
+        raise ValueError(f"layer_plan={os.fspath(path)!r}: cannot read the file ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"layer_plan={os.fspath(path)!r}: not valid JSON ({error})") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(
+            f'layer_plan={os.fspath(path)!r}: expected a JSON object with "format": "{PLAN_FORMAT}" '
+            "(written by mixkvq-profile)"
+        )
+    overrides = plan.get("layer_overrides")
+    if not isinstance(overrides, dict):
+        raise ValueError(f'layer_plan={os.fspath(path)!r}: "layer_overrides" must be an object')
+    return {int(layer) if str(layer).isdigit() else layer: dict(f) for layer, f in overrides.items()}
+
+
+def _merge_overrides(
+    base: Mapping[Any, Mapping[str, Any]], top: Mapping[Any, Mapping[str, Any]]
+) -> dict[Any, dict[str, Any]]:
+    merged: dict[Any, dict[str, Any]] = {}
+    for source in (base, top):
+        if not isinstance(source, Mapping):
+            return top  # type: ignore[return-value]  # _freeze_overrides reports the bad value
+        for layer, fields in source.items():
+            key = int(layer) if isinstance(layer, str) and layer.isdigit() else layer
+            if not isinstance(fields, Mapping):
+                merged[key] = fields  # type: ignore[assignment]
+                continue
+            merged.setdefault(key, {}).update(fields)
+    return merged
+
+
 def _set(config: MixKVQConfig, name: str, value: Any) -> None:
     object.__setattr__(config, name, value)
 
@@ -137,7 +317,9 @@ def _enum(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
         return enum_type(value)
     except ValueError:
         allowed = [member.value for member in enum_type]
-        raise ValueError(f"{name}={value!r}: allowed values are {allowed}") from None
+        aliases = KEY_TIERING_ALIASES if enum_type is KeyTiering else {}
+        note = "".join(f" ({alias!r} is an alias of {target!r})" for alias, target in aliases.items())
+        raise ValueError(f"{name}={value!r}: allowed values are {allowed}{note}") from None
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[int, ...]) -> None:
@@ -167,7 +349,7 @@ def _freeze_overrides(
             )
         # Validate the overridden layer config now, with a message naming the layer.
         try:
-            dataclasses.replace(config, layer_overrides={}, **fields)
+            dataclasses.replace(config, layer_overrides={}, layer_plan=None, **fields)
         except ValueError as error:
             raise ValueError(f"layer_overrides[{layer_index}]: {error}") from None
         frozen[layer_index] = MappingProxyType(dict(fields))

@@ -32,11 +32,21 @@ import zlib
 import torch
 
 from . import reference
-from .config import KeyTiering, MixKVQConfig
+from .config import MixKVQConfig
 
 MAGIC = 0x6D69786B7671  # "mixkvq"
 HEADER_FIELDS = 8  # int64: [0] scratch under the handle, [1] magic, [2] tokens written, [3] layout hash
 ALIGN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class WritePlan:
+    """Where a write lands: ``end`` = new length; groups packed before/after it; first unpacked position."""
+
+    end: int
+    old_groups: int
+    new_groups: int
+    pending_start: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +100,7 @@ class StoreLayout:
             key_channels=channels,
             key_bits=config.key_bits,
             value_bits=config.value_bits,
-            salience=config.key_tiering is KeyTiering.SALIENCE and sum(c > 0 for c in channels) > 1,
+            salience=config.key_tiering.query_aware and sum(c > 0 for c in channels) > 1,
         )
 
     def to_key(self) -> str:
@@ -132,6 +142,31 @@ class StoreLayout:
         """Packed groups once ``length`` tokens are written."""
         free = length - self.sink_tokens - self.residual_length
         return min(max(0, free) // self.group_size, self.num_groups)
+
+    def plan_write(self, length: int, start: int, count: int) -> WritePlan:
+        """Check a write of ``count`` tokens at ``start`` into a store holding ``length`` tokens.
+
+        ``start`` must equal ``length`` (append) or lie in the full-precision window (a rewind that
+        overwrites unflushed tokens); writing into packed groups or past the capacity is refused.
+        """
+        if start > length:
+            raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
+        kept_flushed = self.sink_tokens + self.flushed_groups(length) * self.group_size
+        if start < length and self.sink_tokens <= start < kept_flushed:
+            raise ValueError(
+                f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
+                "rewinding a cache is supported only within the full-precision window"
+            )
+        end = start + count
+        if end > self.capacity:
+            raise ValueError(
+                f"mixkvq store: {end} tokens exceed the cache capacity of {self.capacity} "
+                "(max_cache_len); allocate a larger cache"
+            )
+        old_groups = self.flushed_groups(min(start, length))
+        return WritePlan(
+            end, old_groups, self.flushed_groups(end), self.sink_tokens + old_groups * self.group_size
+        )
 
     def key_regions(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every tensor in the key blob, in blob order."""
@@ -185,6 +220,12 @@ def _offsets(regions: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[d
     return offsets, cursor
 
 
+# Blobs allocated by this process: data_ptr -> (bytes, layout fingerprint). Lets ``KVStore.open`` skip
+# reading the header (a device sync per call on CUDA) for a blob it allocated itself; ``allocate``
+# overwrites the entry when a new blob lands at a freed blob's address.
+_VERIFIED: dict[int, tuple[int, int]] = {}
+
+
 def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Allocate a fresh store; returns the (key, value) handles ``[B, H, L, D]`` with zero strides."""
     handles = []
@@ -194,6 +235,7 @@ def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Ten
         header.zero_()
         header[1] = MAGIC
         header[3] = layout.fingerprint
+        _VERIFIED[blob.data_ptr()] = (blob.numel(), layout.fingerprint)
         shape = (layout.batch, layout.heads, layout.capacity, dim)
         handles.append(blob[: layout.dtype.itemsize].view(layout.dtype).as_strided(shape, (0, 0, 0, 0)))
     return handles[0], handles[1]
@@ -237,17 +279,21 @@ class KVStore:
     def open(cls, layout: StoreLayout, key_handle: torch.Tensor, value_handle: torch.Tensor) -> KVStore:
         """Views of the store behind two handles; ``ValueError`` if they are not mixkvq handles."""
         for name, handle in (("key", key_handle), ("value", value_handle)):
+            storage = handle.untyped_storage()
+            known = _VERIFIED.get(storage.data_ptr()) == (storage.nbytes(), layout.fingerprint)
+            if known and handle.dim() == 4 and not any(handle.stride()):
+                continue
             if not is_handle(handle):
                 raise ValueError(
                     f"the {name} cache buffer is not a mixkvq store (it was allocated outside the graph "
                     "compiled with backend='mixkvq'); run the prefill through the compiled forward"
                 )
+            if int(blob_of(handle)[: HEADER_FIELDS * 8].view(torch.int64)[3]) != layout.fingerprint:
+                raise ValueError(
+                    "this mixkvq store was allocated with another layout (config or shapes changed since "
+                    "the cache was created); create a new cache for the new configuration"
+                )
         key_blob, value_blob = blob_of(key_handle), blob_of(value_handle)
-        if int(key_blob[: HEADER_FIELDS * 8].view(torch.int64)[3]) != layout.fingerprint:
-            raise ValueError(
-                "this mixkvq store was allocated with another layout (config or shapes changed since the "
-                "cache was created); create a new cache for the new configuration"
-            )
         key_regions, value_regions = layout.key_regions(), layout.value_regions()
         store = cls(
             layout,
@@ -294,7 +340,14 @@ class KVStore:
         return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
 
     def accumulate_queries(self, query: torch.Tensor) -> None:
-        """Add ``|query|`` (``[B, Hq, Lq, D]``, post-RoPE) to the per-KV-head channel statistics."""
+        """Add ``|query|`` (``[B, Hq, Lq, D]``, post-RoPE) to the per-KV-head channel statistics.
+
+        The statistic is a running sum of |q_d| over the query heads of each KV head and over every
+        query token (prefill chunks and decode steps alike), with a count of the summands, so
+        ``query_importance`` is the mean over the query heads of a KV head (not the sum: the scale of
+        A_d does not depend on the GQA ratio) and over the whole sequence so far (a cumulative mean,
+        the "running accumulator" of MixKVQ; reset when a new sequence starts at position 0).
+        """
         if not self.layout.salience:
             return
         b, hq, lq, d = query.shape
@@ -309,24 +362,13 @@ class KVStore:
         rewind that overwrites unflushed tokens); writing into packed groups is refused.
         """
         lay = self.layout
-        length, lq = self.length, key.shape[2]
-        if start > length:
-            raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
-        kept_flushed = lay.sink_tokens + lay.flushed_groups(length) * lay.group_size
-        if start < length and start < kept_flushed and start >= lay.sink_tokens:
-            raise ValueError(
-                f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
-                "rewinding a cache is supported only within the full-precision window"
-            )
-        end = start + lq
-        if end > lay.capacity:
-            raise ValueError(
-                f"mixkvq store: {end} tokens exceed the cache capacity of {lay.capacity} "
-                "(max_cache_len); allocate a larger cache"
-            )
-        old_groups = lay.flushed_groups(min(start, length))
-        new_groups = lay.flushed_groups(end)
-        pending_start = lay.sink_tokens + old_groups * lay.group_size
+        plan = lay.plan_write(self.length, start, key.shape[2])
+        end, old_groups, new_groups, pending_start = (
+            plan.end,
+            plan.old_groups,
+            plan.new_groups,
+            plan.pending_start,
+        )
         # Full-precision tokens from pending_start to end: old ones from the ring, new ones from the input.
         old_positions = torch.arange(pending_start, max(pending_start, start), device=key.device)
         old_slots = (old_positions - lay.sink_tokens) % max(lay.window, 1)
@@ -387,8 +429,17 @@ class KVStore:
     def _choose_key_order(self, k: torch.Tensor) -> torch.Tensor:
         """Channel permutation ``[B, H, n, D]`` (int64): high tier first, each tier ascending.
 
-        ``k`` is ``[B, H, n, D, G]`` float32. With salience tiering the channels are ranked by
-        ``A_d = I_d * S_d``: I_d the mean |q_d| seen so far, S_d the 2-bit step of channel d in the group.
+        ``k`` is ``[B, H, n, D, G]`` float32 (``n`` groups being flushed). Channels are ranked by a score
+        and fill the static tiers in rank order (see ``KeyTiering``):
+        - query-aware policies (``budget``, ``thresholds``; ``layout.salience``): ``A_d = I_d * S_d``,
+          I_d the mean |q_d| over every query seen so far (``query_abs_sum / query_count``), S_d the
+          2-bit step ``(max - min) / 3`` of channel d over the group; ties (e.g. channels whose queries
+          are all zero) are broken by S_d, then by channel index;
+        - ``difficulty``: S_d alone.
+        For ``thresholds`` the rank fill is the threshold rule under fixed tier sizes: channels with
+        A_d > tau_high rank above those with tau_mid < A_d <= tau_high, which rank above the rest, so
+        ranking by A_d assigns every channel the tier the thresholds give it whenever the tier has room,
+        and otherwise the nearest tier with room (see ``KeyTiering.THRESHOLDS``).
         """
         lay = self.layout
         b, h, n, d, _ = k.shape
@@ -396,19 +447,25 @@ class KVStore:
         if not lay.mixed_keys:
             return identity
         step = (k.amax(dim=-1) - k.amin(dim=-1)) / 3.0
+        ranked = torch.argsort(step, dim=-1, descending=True, stable=True)
         if lay.salience:
-            count = self.keys["query_count"].clamp(min=1.0)
-            importance = self.keys["query_abs_sum"] / count[..., None]
-            salience = importance[:, :, None, :] * step
-        else:
-            salience = step
-        ranked = torch.argsort(salience, dim=-1, descending=True, stable=True)
+            salience = self.query_importance()[:, :, None, :] * step
+            by_step = torch.gather(salience, -1, ranked)
+            ranked = torch.gather(ranked, -1, torch.argsort(by_step, dim=-1, descending=True, stable=True))
         tiers = []
         offset = 0
         for channels in lay.key_channels:
             tiers.append(torch.sort(ranked[..., offset : offset + channels], dim=-1).values)
             offset += channels
         return torch.cat(tiers, dim=-1)
+
+    def query_importance(self) -> torch.Tensor:
+        """I_d: mean |q_d| per (batch row, KV head) over every query seen so far, ``[B, H, D]`` float32.
+
+        Zero before any query (the ranking then falls back to S_d). Only for query-aware layouts.
+        """
+        count = self.keys["query_count"].clamp(min=1.0)
+        return self.keys["query_abs_sum"] / count[..., None]
 
     def _dequantize_key_groups(self, count: int) -> torch.Tensor:
         """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups."""
