@@ -8,6 +8,11 @@ For each ``AttentionSite`` (see ``sites.py``):
 - the view chains that only fed the SDPA are erased.
 Sites whose buffers are graph inputs must be store handles (all strides 0): a plain fp16 buffer
 allocated outside the compiled graph is reported and left untouched.
+
+Supported shapes (``check_site``): model dtype float16/bfloat16/float32; head_dim a power of two in
+``SUPPORTED_HEAD_DIMS`` (what the Triton kernels take: powers of two >= 8; we require >= 16 so value
+groups fit) and divisible by ``value_group_size`` when values are quantized. Anything else keeps its
+eager (unquantized) attention, with a warning naming the reason.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from ..store import StoreLayout
 from .sites import AttentionSite, sdpa_args
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def check_site(site: AttentionSite) -> str | None:
-    """Why ``site`` cannot be rewritten, or None."""
+def check_site(site: AttentionSite, config: MixKVQConfig | None = None) -> str | None:
+    """Why ``site`` cannot be rewritten (under ``config``, the layer's config), or None."""
     key_meta, value_meta = _meta(site.key_buffer), _meta(site.value_buffer)
-    query_meta = _meta(sdpa_args(site.sdpa)["query"])
+    query_meta = _meta(site.query if site.query is not None else sdpa_args(site.sdpa)["query"])
+    new_meta = _meta(site.new_key)
     if key_meta is None or value_meta is None or query_meta is None:
         return "no shape metadata on the cache buffers or the query"
     if key_meta.dim() != 4 or value_meta.dim() != 4:
@@ -40,10 +47,32 @@ def check_site(site: AttentionSite) -> str | None:
         return "key and value buffers differ in batch, heads or length"
     if query_meta.shape[1] % key_meta.shape[1]:
         return f"{query_meta.shape[1]} query heads are not a multiple of {key_meta.shape[1]} KV heads"
+    if new_meta is not None and (
+        new_meta.dim() != 4
+        or new_meta.shape[:2] != key_meta.shape[:2]
+        or query_meta.shape[0] != key_meta.shape[0]
+    ):
+        return (
+            f"new keys {tuple(new_meta.shape)} / queries {tuple(query_meta.shape)} do not match the cache "
+            f"{tuple(key_meta.shape)} in batch or heads (batch larger than the cache?)"
+        )
+    for name, dim in (("head_dim", key_meta.shape[-1]), ("value head_dim", value_meta.shape[-1])):
+        if dim not in SUPPORTED_HEAD_DIMS:
+            return (
+                f"{name} {int(dim)} is not supported by the mixkvq kernels (supported: "
+                f"{list(SUPPORTED_HEAD_DIMS)})"
+            )
+    if config is not None:
+        try:
+            layout_for(site, config)
+        except ValueError as error:
+            return str(error)
     if site.key_buffer.op != "call_function" and any(key_meta.stride() + value_meta.stride()):
         return (
-            "cache buffers were allocated outside the compiled graph (e.g. an eager prefill): "
-            "run the prefill through the forward compiled with backend='mixkvq'"
+            "cache buffers are plain tensors allocated outside the compiled graph (an eager prefill, or "
+            "module buffers allocated by e.g. setup_caches()): run the prefill through the forward "
+            "compiled with backend='mixkvq', and allocate module caches inside the compiled forward "
+            "(lazily, on the first call) so that mixkvq can own their memory"
         )
     return None
 
@@ -74,9 +103,8 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
             value_handle = graph.call_function(operator.getitem, (handles, 1))
         for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
             new.meta.update(old.meta)
-    args = sdpa_args(site.sdpa)
-    query = args["query"]
-    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(_meta(query).shape[-1])
+    query = site.query
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(_meta(query).shape[-1])
     with graph.inserting_before(site.sdpa):
         attention = graph.call_function(
             torch.ops.mixkvq.kv_attention.default,
@@ -87,22 +115,20 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
                 site.positions,
                 key_handle,
                 value_handle,
-                args["attn_mask"],
+                site.attn_mask,
                 float(scale),
-                bool(args["is_causal"]),
+                bool(site.is_causal),
                 -1 if site.kv_limit is None else site.kv_limit,
                 layout.to_key(),
             ),
         )
     attention.meta.update(site.sdpa.meta)
-    stale_reads = [args["key"], args["value"]]
     site.sdpa.replace_all_uses_with(attention)
-    graph.erase_node(site.sdpa)
+    dead = [site.sdpa]
     for write in (site.key_write, site.value_write):
         if not write.users:
-            graph.erase_node(write)
-    for node in stale_reads:
-        _erase_unused_chain(graph, node, stop={site.key_buffer, site.value_buffer})
+            dead.append(write)
+    _erase_dead(graph, dead, keep={site.key_buffer, site.value_buffer})
     if site.allocates:
         for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
             old.replace_all_uses_with(new)
@@ -121,8 +147,31 @@ def _position(graph: fx.Graph):
     return order.__getitem__
 
 
-def _erase_unused_chain(graph: fx.Graph, node, stop: set) -> None:
-    while isinstance(node, fx.Node) and node not in stop and not node.users:
-        parent = node.args[0] if node.args else None
+def _erase_dead(graph: fx.Graph, nodes: list, keep: set) -> None:
+    """Erase ``nodes`` (which must have no users) and then every pure input left without users: the
+    view chains that fed the attention and, for eager attention, the softmax chain."""
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if (
+            not isinstance(node, fx.Node)
+            or node.users
+            or node in keep
+            or node.op
+            not in (
+                "call_function",
+                "call_method",
+            )
+        ):
+            continue
+        if node not in nodes and (_mutates(node) or node.target in (torch.zeros, torch.empty)):
+            continue
+        inputs = [arg for arg in node.all_input_nodes]
         graph.erase_node(node)
-        node = parent
+        stack.extend(inputs)
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.target is operator.setitem or node.is_impure()
