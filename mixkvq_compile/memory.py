@@ -24,6 +24,7 @@ class LayerMemory:
     held_bytes: int
     fp16_capacity_bytes: int
     fp16_token_bytes: int
+    dense_capacity_bytes: int  # an unquantized cache of the same capacity in the model's dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,11 @@ class MemoryReport:
         return sum(layer.fp16_token_bytes for layer in self.layers)
 
     @property
+    def dense_capacity_bytes(self) -> int:
+        """What an unquantized cache of the same capacity takes in the model's own dtype."""
+        return sum(layer.dense_capacity_bytes for layer in self.layers)
+
+    @property
     def ratio(self) -> float:
         """held bytes / 16-bit bytes of the same capacity."""
         return self.held_bytes / max(self.fp16_capacity_bytes, 1)
@@ -62,7 +68,9 @@ class MemoryReport:
             f"total: {self.held_bytes / 2**20:.3f} MiB held, "
             f"{self.fp16_capacity_bytes / 2**20:.3f} MiB in fp16 "
             f"for the same capacity ({self.ratio:.3f}x); cached tokens in fp16: "
-            f"{self.fp16_token_bytes / 2**20:.3f} MiB"
+            f"{self.fp16_token_bytes / 2**20:.3f} MiB; unquantized in the model dtype: "
+            f"{self.dense_capacity_bytes / 2**20:.3f} MiB "
+            f"({self.held_bytes / max(self.dense_capacity_bytes, 1):.3f}x)"
         )
         return "\n".join(lines)
 
@@ -124,6 +132,7 @@ def _layer_memory(index: int, keys: torch.Tensor, values: torch.Tensor, tokens: 
         held_bytes=held,
         fp16_capacity_bytes=per_token * capacity,
         fp16_token_bytes=per_token * tokens,
+        dense_capacity_bytes=per_token * capacity * keys.dtype.itemsize // FP16_BYTES,
     )
 
 

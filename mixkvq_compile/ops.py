@@ -11,14 +11,23 @@ it in place through views that do not overlap the handles' visible element, so t
 without mutated arguments: functionalizing it would clone the handles. The attention output is
 always consumed, so the op is never eliminated, and each layer's store has exactly one such op per
 graph, so no reordering can change its result.
+
+On CUDA the op runs the Triton kernels (``kernels/``); elsewhere, or with the diagnostic environment
+variable ``MIXKVQ_DISABLE_KERNELS=1``, the pure-PyTorch reference.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import reference
 from .store import KVStore, StoreLayout, allocate
+
+# Host copy of each CUDA store's length (key blob address -> tokens), so the kernel append needs no
+# device read of the header; a write at position 0 (a new sequence) resets it.
+_HOST_LENGTH: dict[int, int] = {}
 
 
 @torch.library.custom_op("mixkvq::new_store", mutates_args=(), device_types=None)
@@ -73,21 +82,68 @@ def kv_attention(
     new sequence: the store and its query statistics are reset.
     """
     lay = StoreLayout.from_key(layout)
+    _check_shapes(lay, query, key, value)
     store = KVStore.open(lay, key_handle, value_handle)
     start = _start_position(positions)
     if start == 0:
         store.reset()
     end = start + query.shape[2]
-    past_key, past_value = store.read(start)
-    keys = torch.cat([past_key, key.to(lay.dtype)], dim=2)
-    values = torch.cat([past_value, value.to(lay.dtype)], dim=2)
+    if end > lay.capacity:
+        raise ValueError(
+            f"mixkvq store: {end} tokens exceed the cache capacity of {lay.capacity} (max_cache_len); "
+            "allocate a larger cache"
+        )
     visible = end if kv_limit < 0 else min(end, kv_limit)
-    keys, values = keys[:, :, :visible], values[:, :, :visible]
-    mask = None if attn_mask is None else attn_mask[..., :visible]
-    out = reference.attention(query, keys, values, mask, scale, start if is_causal else None).contiguous()
+    if query.is_cuda and visible == end and not os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+        out = _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal)
+    else:
+        out = _attend_with_reference(query, key, value, store, start, visible, attn_mask, scale, is_causal)
     store.accumulate_queries(query)
-    store.append(key, value, start)
+    if query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+        from .kernels.quantize import append
+
+        blob = key_handle.untyped_storage().data_ptr()
+        append(store, key, value, start, length=_HOST_LENGTH.get(blob) if start else 0)
+        _HOST_LENGTH[blob] = end
+    else:
+        store.append(key, value, start)
     return out
+
+
+def _attend_with_reference(query, key, value, store, start, visible, attn_mask, scale, is_causal):
+    """CPU path (and GPU fallback): dequantize the stored tokens, then SDPA in the model dtype."""
+    dtype = store.layout.dtype
+    past_key, past_value = store.read(start)
+    keys = torch.cat([past_key, key.to(dtype)], dim=2)[:, :, :visible]
+    values = torch.cat([past_value, value.to(dtype)], dim=2)[:, :, :visible]
+    mask = None if attn_mask is None else attn_mask[..., :visible]
+    return reference.attention(query, keys, values, mask, scale, start if is_causal else None).contiguous()
+
+
+def _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal):
+    """CUDA path: a fresh sequence's prompt attends only to itself in full precision (cuDNN/flash SDPA);
+    otherwise the fused Triton kernel reads the packed store once, plus the new tokens."""
+    if start == 0:
+        mask = None if attn_mask is None else attn_mask[..., : query.shape[2]]
+        causal = is_causal and mask is None
+        n_rep = query.shape[1] // key.shape[1]
+        # Repeat the chunk's KV heads: SDPA's enable_gqa path falls back to the math kernel for some
+        # dtypes/backends, which materializes the Lq x Lq scores.
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key.repeat_interleave(n_rep, 1),
+            value.repeat_interleave(n_rep, 1),
+            attn_mask=mask,
+            scale=scale,
+            is_causal=causal,
+        )
+        return out.contiguous()
+    from .kernels.decode_attention import decode_attention
+
+    out = decode_attention(
+        query, store, start, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
+    )
+    return out.contiguous()
 
 
 @kv_attention.register_fake
@@ -95,14 +151,32 @@ def _(query, key, value, positions, key_handle, value_handle, attn_mask, scale, 
     return query.new_empty((*query.shape[:3], value.shape[-1]))
 
 
+def _check_shapes(lay: StoreLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """``ValueError`` naming the mismatch when the new tokens do not fit the store (before any kernel)."""
+    expected = (lay.batch, lay.heads, key.shape[2] if key.dim() == 4 else -1)
+    if key.dim() != 4 or tuple(key.shape) != (*expected, lay.head_dim):
+        raise ValueError(
+            f"mixkvq: new keys {tuple(key.shape)} do not fit the cache store (batch {lay.batch}, {lay.heads} "
+            f"KV heads, head_dim {lay.head_dim}); a batch larger than the cache needs a new cache"
+        )
+    if value.dim() != 4 or tuple(value.shape) != (*expected, lay.value_dim):
+        raise ValueError(f"mixkvq: new values {tuple(value.shape)} do not fit the cache store")
+    if (
+        query.dim() != 4
+        or query.shape[0] != lay.batch
+        or query.shape[1] % lay.heads
+        or query.shape[3] != lay.head_dim
+    ):
+        raise ValueError(f"mixkvq: queries {tuple(query.shape)} do not fit the cache store")
+
+
 def _start_position(positions: torch.Tensor) -> int:
-    """First position of a consecutive run; ``ValueError`` for non-consecutive positions."""
+    """First position of a consecutive run (one device sync); ``ValueError`` for other positions."""
     if positions.dim() != 1 or positions.numel() == 0:
         raise ValueError(
             f"mixkvq: cache positions must be a non-empty 1-d tensor, got {tuple(positions.shape)}"
         )
-    start = int(positions[0])
-    expected = torch.arange(start, start + positions.numel(), device=positions.device)
-    if not torch.equal(positions.to(expected.dtype), expected):
+    values = positions.tolist()
+    if values != list(range(values[0], values[0] + len(values))):
         raise ValueError("mixkvq: cache positions of one write must be consecutive")
-    return start
+    return values[0]

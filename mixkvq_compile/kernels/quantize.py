@@ -530,25 +530,14 @@ def append(
     """
     lay = store.layout
     length = store.length if length is None else int(length)
-    lq = key.shape[2]
-    if start > length:
-        raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
-    kept_flushed = lay.sink_tokens + lay.flushed_groups(length) * lay.group_size
-    if start < length and start < kept_flushed and start >= lay.sink_tokens:
-        raise ValueError(
-            f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
-            "rewinding a cache is supported only within the full-precision window"
-        )
-    end = start + lq
-    if end > lay.capacity:
-        raise ValueError(
-            f"mixkvq store: {end} tokens exceed the cache capacity of {lay.capacity} "
-            "(max_cache_len); allocate a larger cache"
-        )
+    plan = lay.plan_write(length, start, key.shape[2])
+    end, old_groups, new_groups, pending_start = (
+        plan.end,
+        plan.old_groups,
+        plan.new_groups,
+        plan.pending_start,
+    )
     s, g, w = lay.sink_tokens, lay.group_size, max(lay.window, 1)
-    old_groups = lay.flushed_groups(min(start, length))
-    new_groups = lay.flushed_groups(end)
-    pending_start = s + old_groups * g
     flush = new_groups - old_groups
     remain_start = pending_start + flush * g
     if end - pending_start <= w:

@@ -1,0 +1,210 @@
+"""End-to-end decode benchmark on a Llama-3-8B-shaped model with random bf16 weights (GPU).
+
+    python3 bench/e2e.py --methods strong,hf,kivi2,mixkvq --contexts 32768 --batches 8
+    python3 bench/e2e.py --layers 32 --contexts 8192,32768 --batches 1,8 --new-tokens 32
+
+Methods, each measured through a real ``generate()`` (prefill of ``context`` random tokens, then
+``new-tokens`` greedy tokens with ``cache_implementation="static"``):
+- ``hf``: transformers' StaticCache + SDPA + ``repeat_kv``; generate() compiles the decode step itself
+  (Inductor, ``mode="reduce-overhead"``, its default on CUDA with a static cache);
+- ``strong``: the same with an attention function registered through ``AttentionInterface`` that calls
+  SDPA with ``enable_gqa=True`` over the static buffer (no ``repeat_kv`` copies);
+- ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor, default mode).
+Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so
+the prefill cancels out. Weights do not change speed, so random weights measure the real cost. The
+byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth. Results go to
+stdout (a table) and, when ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def llama3_8b(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device="cuda")
+    return model.eval()
+
+
+def strong_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """SDPA with grouped-query heads handled inside the kernel (no repeat_kv copies)."""
+    causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    if attention_mask is not None and query.shape[2] > 1:
+        attention_mask = attention_mask[..., : key.shape[2]]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    src = torch.randn(2**29, device="cuda", dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del src, dst
+    return 2 * 2**31 / seconds
+
+
+def timed_generate(model, ids, new_tokens: int):
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, out
+
+
+def kv_bytes(cache) -> int:
+    import mixkvq_compile
+
+    return mixkvq_compile.memory_report(cache).held_bytes
+
+
+def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float) -> dict:
+    import mixkvq_compile
+
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    mixkvq_compile.reset_counters()
+    eager_forward = model.__class__.forward.__get__(model)
+    model.forward = eager_forward
+    model.config._attn_implementation = "strong_sdpa" if method == "strong" else "sdpa"
+    if method not in ("hf", "strong"):
+        model.forward = torch.compile(eager_forward, backend="mixkvq", options={"preset": method})
+    # hf/strong: generate() itself compiles the decode step (Inductor, mode="reduce-overhead") when the
+    # cache is static, and runs the prefill eagerly: what users run today.
+    ids = torch.randint(0, 128256, (batch, context), device="cuda", generator=None)
+    first, _ = timed_generate(model, ids, new_tokens)  # compiles prefill and decode graphs
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    prefill, _ = timed_generate(model, ids, 1)
+    total, out = timed_generate(model, ids, new_tokens)
+    peak = torch.cuda.max_memory_allocated()
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    held = kv_bytes(cache)
+    step = (total - prefill) / (new_tokens - 1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    roofline = (weights + held) / bandwidth
+    fp16_kv = 2 * model.config.num_hidden_layers * batch * 8 * (context + new_tokens) * 128 * 2
+    result = {
+        "method": method,
+        "batch": batch,
+        "context": context,
+        "layers": model.config.num_hidden_layers,
+        "step_ms": step * 1e3,
+        "tokens_per_s": batch / step,
+        "prefill_s": prefill,
+        "first_call_s": first,
+        "roofline_ms": roofline * 1e3,
+        "roofline_fraction": roofline / step,
+        "peak_gib": peak / 2**30,
+        "kv_gib": held / 2**30,
+        "kv_vs_fp16": held / fp16_kv,
+        "rewritten": mixkvq_compile.counters["attention_rewritten"],
+    }
+    del out, cache
+    model.forward = eager_forward
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--methods", default="strong,hf,kivi2,mixkvq")
+    parser.add_argument("--contexts", default="32768")
+    parser.add_argument("--batches", default="8")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("strong_sdpa", strong_attention)
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
+    model = llama3_8b(args.layers)
+    results = []
+    out_path = os.path.join(os.environ["OUT"], "e2e.jsonl") if os.environ.get("OUT") else None
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            for method in args.methods.split(","):
+                try:
+                    result = run(model, method, batch, context, args.new_tokens, bandwidth)
+                except torch.OutOfMemoryError:
+                    result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
+                    model.forward = model.__class__.forward.__get__(model)
+                    torch.cuda.empty_cache()
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                if out_path:
+                    with open(out_path, "a") as handle:
+                        handle.write(json.dumps(result) + "\n")
+    print(
+        f"\n{'method':>7} {'B':>3} {'ctx':>6} {'step ms':>8} {'tok/s':>8} {'roofline':>8} {'frac':>5} "
+        f"{'peak GiB':>8} {'KV GiB':>7} {'KV/fp16':>7} {'prefill s':>9} {'1st call s':>10}"
+    )
+    for r in results:
+        if "error" in r:
+            print(f"{r['method']:>7} {r['batch']:>3} {r['context']:>6} {r['error']}")
+            continue
+        print(
+            f"{r['method']:>7} {r['batch']:>3} {r['context']:>6} {r['step_ms']:>8.2f} "
+            f"{r['tokens_per_s']:>8.1f} {r['roofline_ms']:>8.2f} {r['roofline_fraction']:>5.2f} "
+            f"{r['peak_gib']:>8.1f} {r['kv_gib']:>7.2f} {r['kv_vs_fp16']:>7.3f} {r['prefill_s']:>9.2f} "
+            f"{r['first_call_s']:>10.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
