@@ -43,6 +43,7 @@ def test_quantized_presets_stay_close_to_eager(name, preset):
     eager_forward, tokens, logits = compile_and_generate(model, {"preset": preset}, ids, mask)
     reference = teacher_forced_logits(eager_forward, tokens, mask, PROMPT)
     kl = mean_kl(reference, logits)
+    print(f"\n{name} {preset}: KL {kl:.2e}")
     assert kl < KL_BOUNDS[preset]
     # Quantization really happened: decode logits differ from the 16-bit ones.
     assert not torch.allclose(logits, reference, atol=1e-6)
