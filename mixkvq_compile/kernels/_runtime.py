@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton can only interpret on a CPU-only mac
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-__all__ = ["interpreting", "next_pow2", "num_sms", "tl", "triton", "unpack_codes"]
+__all__ = ["interpreting", "next_pow2", "num_sms", "store_arguments", "tl", "triton", "unpack_codes"]
 
 
 def interpreting() -> bool:
@@ -23,6 +23,25 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def store_arguments(store) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
+    """Kernel arguments of a ``KVStore``: per key tier (data, qparams, channels, bits, padded channels),
+    then the value data and qparams. An empty tier, or the qparams of a 16-bit part, point at the
+    ring as a never-read placeholder."""
+    lay, keys, values = store.layout, store.keys, store.values
+    tiers = []
+    for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
+        if channels == 0:
+            tiers.append((keys["ring"], keys["ring"], 0, 16, 16))
+        elif bits == 16:
+            tiers.append((keys[f"tier{t}_values"], keys["ring"], channels, 16, max(16, next_pow2(channels))))
+        else:
+            padded = max(16, next_pow2(channels))
+            tiers.append((keys[f"tier{t}_codes"], keys[f"tier{t}_qparams"], channels, bits, padded))
+    if lay.value_bits == 16:
+        return tiers, values["values"], values["ring"]
+    return tiers, values["codes"], values["qparams"]
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..store import KVStore
-from ._runtime import interpreting, next_pow2, num_sms, tl, triton, unpack_codes
+from ._runtime import interpreting, next_pow2, num_sms, store_arguments, tl, triton, unpack_codes
 
 __all__ = ["decode_attention"]
 
@@ -711,28 +711,7 @@ def decode_attention(
         raise ValueError(f"decode_attention: out must be {(bsz, hq, lq, lay.value_dim)} {query.dtype}")
 
     keys, values = store.keys, store.values
-    tiers = []
-    for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
-        if channels == 0:
-            tiers.append((keys["ring"], keys["ring"], 0, 16, 16))
-        elif bits == 16:
-            tiers.append(
-                (keys[f"tier{t}_values"], keys["ring"], channels, bits, max(16, next_pow2(channels)))
-            )
-        else:
-            tiers.append(
-                (
-                    keys[f"tier{t}_codes"],
-                    keys[f"tier{t}_qparams"],
-                    channels,
-                    bits,
-                    max(16, next_pow2(channels)),
-                )
-            )
-    if lay.value_bits == 16:
-        vdata, vq = values["values"], values["ring"]
-    else:
-        vdata, vq = values["codes"], values["qparams"]
+    tiers, vdata, vq = store_arguments(store)
     order = keys["order"] if lay.mixed_keys else keys["ring"]
     vq32 = vq.view(torch.int32) if lay.value_bits != 16 else vq
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..store import KVStore
-from ._runtime import interpreting, next_pow2, tl, triton
+from ._runtime import interpreting, next_pow2, store_arguments, tl, triton
 
 __all__ = ["append", "store_groups", "write_tokens"]
 
@@ -333,27 +333,8 @@ def store_groups(
         order_out = store.keys["order"]
     else:
         order = order_out = store.keys["ring"]
-    keys, values = store.keys, store.values
-    tiers = []
-    for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
-        if channels == 0:
-            tiers.append((keys["ring"], keys["ring"], 0, 16, 16))
-        elif bits == 16:
-            tiers.append((keys[f"tier{t}_values"], keys["ring"], channels, 16, max(16, next_pow2(channels))))
-        else:
-            tiers.append(
-                (
-                    keys[f"tier{t}_codes"],
-                    keys[f"tier{t}_qparams"],
-                    channels,
-                    bits,
-                    max(16, next_pow2(channels)),
-                )
-            )
-    if lay.value_bits == 16:
-        vdata, vq = values["values"], values["ring"]
-    else:
-        vdata, vq = values["codes"], values["qparams"]
+    keys = store.keys
+    tiers, vdata, vq = store_arguments(store)
     big = 1 << 30
     _store_groups_kernel[(lay.batch * lay.heads, count)](
         key,
