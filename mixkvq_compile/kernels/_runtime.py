@@ -13,7 +13,16 @@ if not torch.cuda.is_available():  # Triton can only interpret on a CPU-only mac
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-__all__ = ["interpreting", "next_pow2", "num_sms", "store_arguments", "tl", "triton", "unpack_codes"]
+__all__ = [
+    "interpreting",
+    "layout_constexprs",
+    "next_pow2",
+    "num_sms",
+    "store_arguments",
+    "tl",
+    "triton",
+    "unpack_codes",
+]
 
 
 def interpreting() -> bool:
@@ -42,6 +51,15 @@ def store_arguments(store) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
     if lay.value_bits == 16:
         return tiers, values["values"], values["ring"]
     return tiers, values["codes"], values["qparams"]
+
+
+def layout_constexprs(layout, tiers: list[tuple]) -> dict:
+    """The store-shape compile-time arguments shared by the kernels: per key tier its channels
+    (``C``), bits (``B``) and padded channels (``CP``), then the value bits and value group size."""
+    meta = {"MIXED": layout.mixed_keys, "VB": layout.value_bits, "VGS": layout.value_group_size}
+    for t, (_, _, channels, bits, padded) in enumerate(tiers):
+        meta.update({f"C{t}": channels, f"B{t}": bits, f"CP{t}": padded})
+    return meta
 
 
 @functools.cache

@@ -24,7 +24,16 @@ import math
 import torch
 
 from ..store import KVStore
-from ._runtime import interpreting, next_pow2, num_sms, store_arguments, tl, triton, unpack_codes
+from ._runtime import (
+    interpreting,
+    layout_constexprs,
+    next_pow2,
+    num_sms,
+    store_arguments,
+    tl,
+    triton,
+    unpack_codes,
+)
 
 __all__ = ["decode_attention"]
 
@@ -769,18 +778,7 @@ def decode_attention(
         W=max(lay.window, 1),
         R=lay.residual_length,
         NG=lay.num_groups,
-        C0=tiers[0][2],
-        C1=tiers[1][2],
-        C2=tiers[2][2],
-        B0=tiers[0][3],
-        B1=tiers[1][3],
-        B2=tiers[2][3],
-        CP0=tiers[0][4],
-        CP1=tiers[1][4],
-        CP2=tiers[2][4],
-        MIXED=lay.mixed_keys,
-        VB=lay.value_bits,
-        VGS=lay.value_group_size,
+        **layout_constexprs(lay, tiers),
         BLOCK_R=64 if d <= 128 else 32,
         MASK_KIND=mask_kind,
         IS_CAUSAL=bool(causal),

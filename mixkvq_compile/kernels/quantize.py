@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..store import KVStore
-from ._runtime import interpreting, next_pow2, store_arguments, tl, triton
+from ._runtime import interpreting, layout_constexprs, next_pow2, store_arguments, tl, triton
 
 __all__ = ["append", "store_groups", "write_tokens"]
 
@@ -361,18 +361,7 @@ def store_groups(
         DV=lay.value_dim,
         G=g,
         NG=lay.num_groups,
-        C0=tiers[0][2],
-        C1=tiers[1][2],
-        C2=tiers[2][2],
-        B0=tiers[0][3],
-        B1=tiers[1][3],
-        B2=tiers[2][3],
-        CP0=tiers[0][4],
-        CP1=tiers[1][4],
-        CP2=tiers[2][4],
-        MIXED=lay.mixed_keys,
-        VB=lay.value_bits,
-        VGS=lay.value_group_size,
+        **layout_constexprs(lay, tiers),
         num_warps=4,
     )
 
