@@ -94,12 +94,13 @@ def kv_attention(
             "allocate a larger cache"
         )
     visible = end if kv_limit < 0 else min(end, kv_limit)
-    if query.is_cuda and visible == end and not os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+    use_kernels = query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS")
+    if use_kernels and visible == end:
         out = _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal)
     else:
         out = _attend_with_reference(query, key, value, store, start, visible, attn_mask, scale, is_causal)
     store.accumulate_queries(query)
-    if query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+    if use_kernels:
         from .kernels.quantize import append
 
         blob = key_handle.untyped_storage().data_ptr()
