@@ -117,13 +117,13 @@ def attention(
     if causal_start is not None:
         q_pos = torch.arange(query.shape[2], device=query.device) + causal_start
         causal = torch.arange(key.shape[2], device=query.device) <= q_pos[:, None]
-        attn_mask = causal if attn_mask is None else _combine_masks(attn_mask, causal, query.dtype)
+        attn_mask = causal if attn_mask is None else _combine_masks(attn_mask, causal)
     return F.scaled_dot_product_attention(
         query, key.to(query.dtype), value.to(query.dtype), attn_mask=attn_mask, scale=scale
     )
 
 
-def _combine_masks(mask: torch.Tensor, causal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _combine_masks(mask: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask & causal
     return mask + torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(~causal, float("-inf"))
