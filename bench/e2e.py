@@ -9,7 +9,11 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   (Inductor, ``mode="reduce-overhead"``, its default on CUDA with a static cache);
 - ``strong``: the same with an attention function registered through ``AttentionInterface`` that calls
   SDPA with ``enable_gqa=True`` over the static buffer (no ``repeat_kv`` copies);
-- ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor, default mode).
+- ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor; the one-token decode graphs
+  in CUDA graphs, the backend's default); ``kivi2-launch`` / ``mixkvq-launch``: the same with
+  ``cuda_graphs=False`` (every kernel launched from Python).
+With ``--prefill-chunk N`` the prompt (all but its last token) is written to the StaticCache N tokens per
+forward before generate() continues from it; the prefill time then covers those forwards.
 Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so
 the prefill cancels out. Weights do not change speed, so random weights measure the real cost. The
 byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth. Results go to
@@ -85,17 +89,40 @@ def copy_bandwidth() -> float:
     return 2 * 2**31 / seconds
 
 
-def timed_generate(model, ids, new_tokens: int):
+def prefill_in_chunks(model, ids, cache, chunk: int):
+    """Write all prompt tokens but the last into ``cache`` (a reset StaticCache), ``chunk`` tokens per
+    forward, as a serving engine's chunked prefill does (one forward over 8 x 32k tokens materializes a
+    [8, 1, 32k, 32k] mask and runs out of memory in the fp16 baselines)."""
+    cache.reset()
+    with torch.no_grad():
+        for start in range(0, ids.shape[1] - 1, chunk):
+            end = min(start + chunk, ids.shape[1] - 1)
+            model(
+                input_ids=ids[:, start:end],
+                past_key_values=cache,
+                cache_position=torch.arange(start, end, device=ids.device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+
+def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0):
+    """Seconds for a prefill plus ``new_tokens`` greedy tokens; the prompt goes in one forward inside
+    generate(), or (``chunk`` > 0) in chunks into ``cache`` before generate() continues from it."""
     torch.cuda.synchronize()
     started = time.perf_counter()
+    kwargs = {"cache_implementation": "static"}
+    if chunk:
+        prefill_in_chunks(model, ids, cache, chunk)
+        kwargs = {"past_key_values": cache}
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        cache_implementation="static",
         return_dict_in_generate=True,
+        **kwargs,
     )
     torch.cuda.synchronize()
     return time.perf_counter() - started, out
@@ -107,7 +134,7 @@ def kv_bytes(cache) -> int:
     return mixkvq_compile.memory_report(cache).held_bytes
 
 
-def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float) -> dict:
+def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int) -> dict:
     import mixkvq_compile
 
     torch._dynamo.reset()
@@ -117,15 +144,31 @@ def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth
     model.forward = eager_forward
     model.config._attn_implementation = "strong_sdpa" if method == "strong" else "sdpa"
     if method not in ("hf", "strong"):
-        model.forward = torch.compile(eager_forward, backend="mixkvq", options={"preset": method})
+        preset, _, variant = method.partition("-")
+        options = {"preset": preset}
+        if variant == "launch":  # the same kernels launched one by one (no CUDA graph)
+            options["cuda_graphs"] = False
+        elif variant:
+            raise ValueError(f"unknown method {method!r}")
+        model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)
     # hf/strong: generate() itself compiles the decode step (Inductor, mode="reduce-overhead") when the
     # cache is static, and runs the prefill eagerly: what users run today.
     ids = torch.randint(0, 128256, (batch, context), device="cuda", generator=None)
-    first, _ = timed_generate(model, ids, new_tokens)  # compiles prefill and decode graphs
+    cache = None
+    if chunk:  # one cache for every call (as generate() keeps its own): a new one would recompile
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
+    first, out = timed_generate(model, ids, new_tokens, cache, chunk)  # compiles prefill and decode
+    del out
+    # A second warm-up: in the smoke run of 2026-11-26 the 2nd call of the mixkvq methods took 2.4 to
+    # 8.7 s longer than the 3rd (more compiles for the graphs that take over once the cache exists).
+    timed_generate(model, ids, new_tokens, cache, chunk)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    prefill, _ = timed_generate(model, ids, 1)
-    total, out = timed_generate(model, ids, new_tokens)
+    prefill, out = timed_generate(model, ids, 1, cache, chunk)
+    del out
+    total, out = timed_generate(model, ids, new_tokens, cache, chunk)
     peak = torch.cuda.max_memory_allocated()
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     held = kv_bytes(cache)
@@ -148,6 +191,7 @@ def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth
         "kv_gib": held / 2**30,
         "kv_vs_fp16": held / fp16_kv,
         "rewritten": mixkvq_compile.counters["attention_rewritten"],
+        "prefill_chunk": chunk,
     }
     del out, cache
     model.forward = eager_forward
@@ -164,6 +208,9 @@ def main() -> None:
     parser.add_argument("--batches", default="8")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=0, help="prompt tokens per forward (0: one forward in generate)"
+    )
     args = parser.parse_args()
 
     from transformers import AttentionInterface
@@ -180,7 +227,9 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             for method in args.methods.split(","):
                 try:
-                    result = run(model, method, batch, context, args.new_tokens, bandwidth)
+                    result = run(
+                        model, method, batch, context, args.new_tokens, bandwidth, args.prefill_chunk
+                    )
                 except torch.OutOfMemoryError:
                     result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
                     model.forward = model.__class__.forward.__get__(model)

@@ -7,13 +7,18 @@ config object.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .config import MixKVQConfig
+from .ops import is_device_step
 from .passes import PassManager
+
+log = logging.getLogger("mixkvq_compile")
 
 
 def backend(config: MixKVQConfig | None = None) -> Callable:
@@ -59,5 +64,78 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     from torch._inductor.compile_fx import compile_fx
 
     PassManager(config)(gm)
-    patches = list_mode_options(mode) if mode else {}
+    patches = dict(list_mode_options(mode)) if mode else {}
+    reason = cuda_graph_blocker(gm)
+    if reason is not None:
+        patches["triton.cudagraphs"] = False
+    elif config.cuda_graphs and any(_output(n).is_cuda for n in _attention_ops(gm)):
+        patches["triton.cudagraphs"] = True
+        mark_static_inputs(gm)
+    log.debug(
+        "mixkvq: graph of %d nodes compiled with CUDA graphs %s%s",
+        len(gm.graph.nodes),
+        "on" if patches.get("triton.cudagraphs") else "off",
+        f" ({reason})" if reason else "",
+    )
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _attention_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    target = torch.ops.mixkvq.kv_attention.default
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def _output(attention: torch.fx.Node):
+    """The fake output of a ``mixkvq::kv_attention`` node (its meta is the replaced SDPA's)."""
+    return attention.meta.get("example_value", attention.meta.get("val"))
+
+
+def cuda_graph_blocker(gm: torch.fx.GraphModule) -> str | None:
+    """Why this rewritten graph must not be captured in a CUDA graph, or None if it may be.
+
+    A graph that allocates a store (the prefill) must run outside the graph pool, and an attention
+    with more than one query token reads the cache positions on the host (see ``ops.kv_attention``).
+    """
+    if any(
+        n.op == "call_function" and n.target is torch.ops.mixkvq.new_store.default for n in gm.graph.nodes
+    ):
+        return "it allocates the quantized store"
+    if os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+        return "MIXKVQ_DISABLE_KERNELS is set (the reference path reads positions on the host)"
+    for node in _attention_ops(gm):
+        query_len = _output(node).shape[2]  # the output is [B, Hq, Lq, Dv]
+        if not isinstance(query_len, int) or not is_device_step(query_len, node.args[9]):
+            return "an attention has more than one query token (or a symbolic length)"
+    return None
+
+
+def mark_static_inputs(gm: torch.fx.GraphModule) -> list[str]:
+    """Mark as static (fixed address, not copied by CUDA graphs) the graph inputs that are store handles
+    or that the graph mutates in place; returns their names.
+
+    The handles must reach the kernels as themselves (a copy of a zero-stride handle is one element,
+    not the store), and CUDA graphs refuse to capture a graph that mutates a non-static input, such as
+    transformers' ``StaticLayer.cumulative_length`` (its ``add_`` in every step): when the prefill is
+    compiled, the cache is created inside the graph and transformers skips its own
+    ``mark_static_address``. Marking is "unguarded": if such an input moves, cudagraph trees record a
+    new graph instead of reading stale memory.
+    """
+    handle_inputs = {arg for node in _attention_ops(gm) for arg in node.args[4:6]}
+    marked = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        mutated = any(_mutates_first_argument(user) and user.args[0] is node for user in node.users)
+        if node in handle_inputs or mutated:
+            node.meta.setdefault("tensor_dict", {})["_dynamo_static_input_type"] = "unguarded"
+            marked.append(node.name)
+    return marked
+
+
+def _mutates_first_argument(node: torch.fx.Node) -> bool:
+    """An in-place call such as ``x.add_(y)`` or ``torch.Tensor.add_(x, y)`` (name ends with one ``_``)."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__") and bool(node.args)

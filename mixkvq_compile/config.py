@@ -109,6 +109,10 @@ class MixKVQConfig:
         layer_plan: path of a JSON layer plan written by ``mixkvq-profile`` (KVmix bits and/or
             calibrated threshold tier sizes); its ``layer_overrides`` are loaded, and entries given in
             ``layer_overrides`` win field by field. See ``load_layer_plan``.
+        cuda_graphs: capture the one-token decode graphs in CUDA graphs (Inductor's cudagraph trees,
+            as ``mode="reduce-overhead"`` does), so a decode step is a graph replay instead of a few
+            hundred kernel launches. Graphs that allocate the store (the prefill) or attend with more
+            than one query token are never captured. No effect on CPU.
     """
 
     key_bits: tuple[int, int, int] = (16, 4, 2)
@@ -123,8 +127,11 @@ class MixKVQConfig:
     sink_tokens: int = 0
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     layer_plan: str | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r}: expected True or False")
         _set(self, "key_bits", tuple(self.key_bits))
         _set(self, "key_tier_fractions", tuple(float(f) for f in self.key_tier_fractions))
         _set(self, "key_tiering", _enum(KeyTiering, self.key_tiering, "key_tiering"))

@@ -25,10 +25,6 @@ import torch
 from . import reference
 from .store import KVStore, StoreLayout, allocate
 
-# Host copy of each CUDA store's length (key blob address -> tokens), so the kernel append needs no
-# device read of the header; a write at position 0 (a new sequence) resets it.
-_HOST_LENGTH: dict[int, int] = {}
-
 
 @torch.library.custom_op("mixkvq::new_store", mutates_args=(), device_types=None)
 def new_store(layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +38,8 @@ def _(layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     handles = []
     for dim in (lay.head_dim, lay.value_dim):
         shape = (lay.batch, lay.heads, lay.capacity, dim)
-        handles.append(torch.empty(1, dtype=lay.dtype, device=device).as_strided(shape, (0, 0, 0, 0)))
+        # A fresh tensor, not a view, so AOTAutograd hands the op's own output objects to the cache.
+        handles.append(torch.empty_strided(shape, (0, 0, 0, 0), dtype=lay.dtype, device=device))
     return handles[0], handles[1]
 
 
@@ -84,9 +81,18 @@ def kv_attention(
     lay = StoreLayout.from_key(layout)
     _check_shapes(lay, query, key, value)
     store = KVStore.open(lay, key_handle, value_handle)
-    start = _start_position(positions)
+    use_kernels = query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS")
+    if use_kernels and is_device_step(query.shape[2], kv_limit):
+        return decode_step(query, key, value, positions, store, attn_mask, scale, is_causal)
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "mixkvq: only one-token decode steps can be captured in a CUDA graph (this call has "
+            f"{query.shape[2]} query tokens); compile with options={{'cuda_graphs': False}}"
+        )
+    start, length = _host_positions(positions, store)
     if start == 0:
         store.reset()
+        length = 0
     end = start + query.shape[2]
     if end > lay.capacity:
         raise ValueError(
@@ -94,7 +100,6 @@ def kv_attention(
             "allocate a larger cache"
         )
     visible = end if kv_limit < 0 else min(end, kv_limit)
-    use_kernels = query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS")
     if use_kernels and visible == end:
         out = _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal)
     else:
@@ -103,11 +108,41 @@ def kv_attention(
     if use_kernels:
         from .kernels.quantize import append
 
-        blob = key_handle.untyped_storage().data_ptr()
-        append(store, key, value, start, length=_HOST_LENGTH.get(blob) if start else 0)
-        _HOST_LENGTH[blob] = end
+        append(store, key, value, start, length=length)
     else:
         store.append(key, value, start)
+    return out
+
+
+def is_device_step(query_len: int, kv_limit: int) -> bool:
+    """True when a CUDA call takes the sync-free path of ``decode_step`` (CUDA-graph capturable)."""
+    return query_len == 1 and kv_limit < 0
+
+
+def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal):
+    """One decode token on the CUDA kernels with no host read (capturable in a CUDA graph).
+
+    The position stays on the device: the fused attention reads the store length from it, the append
+    writes the token and flushes the group it completes in predicated launches, and a write at
+    position 0 (a new sequence) clears the query statistics by a multiply. Positions past the
+    capacity stop the program with a device-side assert (as an out-of-range ``index_copy_`` does).
+    """
+    from .kernels.decode_attention import decode_attention
+    from .kernels.quantize import append_token
+
+    if positions.dim() != 1 or positions.numel() != 1:
+        raise ValueError(f"mixkvq: a decode step needs one cache position, got {tuple(positions.shape)}")
+    position = positions.to(torch.int64)
+    torch._assert_async(position[0] < store.layout.capacity, "mixkvq: cache position past max_cache_len")
+    if store.layout.salience:
+        keep = (position != 0).to(torch.float32)
+        store.keys["query_abs_sum"].mul_(keep)
+        store.keys["query_count"].mul_(keep)
+    out = decode_attention(
+        query, store, position, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
+    )
+    store.accumulate_queries(query)
+    append_token(store, key, value, position)
     return out
 
 
@@ -171,13 +206,24 @@ def _check_shapes(lay: StoreLayout, query: torch.Tensor, key: torch.Tensor, valu
         raise ValueError(f"mixkvq: queries {tuple(query.shape)} do not fit the cache store")
 
 
-def _start_position(positions: torch.Tensor) -> int:
-    """First position of a consecutive run (one device sync); ``ValueError`` for other positions."""
+def _host_positions(positions: torch.Tensor, store: KVStore) -> tuple[int, int]:
+    """(first position of a consecutive run, tokens in the store) with one device sync.
+
+    ``ValueError`` for positions that are not a non-empty consecutive 1-d run (checked fully on the
+    CPU; by the end points on a GPU, where HF's ``cache_position`` is an ``arange``).
+    """
     if positions.dim() != 1 or positions.numel() == 0:
         raise ValueError(
             f"mixkvq: cache positions must be a non-empty 1-d tensor, got {tuple(positions.shape)}"
         )
-    values = positions.tolist()
-    if values != list(range(values[0], values[0] + len(values))):
+    header = store.keys["header"][2:3].to(positions.device)
+    if positions.is_cuda:
+        first, last, length = torch.cat([positions[:1], positions[-1:], header]).tolist()
+        consecutive = last - first == positions.numel() - 1
+    else:
+        values = positions.tolist()
+        first, length = values[0], int(header)
+        consecutive = values == list(range(first, first + len(values)))
+    if not consecutive:
         raise ValueError("mixkvq: cache positions of one write must be consecutive")
-    return values[0]
+    return first, length

@@ -237,7 +237,11 @@ def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Ten
         header[3] = layout.fingerprint
         _VERIFIED[blob.data_ptr()] = (blob.numel(), layout.fingerprint)
         shape = (layout.batch, layout.heads, layout.capacity, dim)
-        handles.append(blob[: layout.dtype.itemsize].view(layout.dtype).as_strided(shape, (0, 0, 0, 0)))
+        handle = blob[: layout.dtype.itemsize].view(layout.dtype).as_strided(shape, (0, 0, 0, 0))
+        # The decode graph must read this very tensor: CUDA graphs would otherwise copy it (a copy of a
+        # zero-stride tensor is one element, not the store) into a static input buffer.
+        torch._dynamo.mark_static_address(handle)
+        handles.append(handle)
     return handles[0], handles[1]
 
 
@@ -283,6 +287,12 @@ class KVStore:
             known = _VERIFIED.get(storage.data_ptr()) == (storage.nbytes(), layout.fingerprint)
             if known and handle.dim() == 4 and not any(handle.stride()):
                 continue
+            if handle.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"mixkvq: the {name} cache handle seen while capturing a CUDA graph is not the store "
+                    "allocated by the compiled prefill (CUDA graphs copied it, or it comes from another "
+                    "process); compile with options={'cuda_graphs': False} and report this"
+                )
             if not is_handle(handle):
                 raise ValueError(
                     f"the {name} cache buffer is not a mixkvq store (it was allocated outside the graph "

@@ -80,3 +80,36 @@ def test_forward_without_cache_is_untouched_and_correct():
         "not read from a KV-cache buffer" in reason
         for _, _, reason in mixkvq_compile.passes.manager.skipped_sites
     )
+
+
+def test_only_one_token_decode_graphs_may_use_cuda_graphs(monkeypatch):
+    """The prefill graph (it allocates the store and reads positions on the host) is never captured;
+    the one-token decode graph may be, and on CPU the backend does not ask Inductor for CUDA graphs."""
+    import torch._inductor.compile_fx as inductor
+
+    from mixkvq_compile.backend import cuda_graph_blocker, mark_static_inputs
+
+    seen = {}  # graph -> (blocker, patches); compile_fx calls itself again after applying patches
+    static = []
+    original = inductor.compile_fx
+
+    def recording(gm, example_inputs, config_patches=None, **kwargs):
+        seen.setdefault(id(gm), (cuda_graph_blocker(gm), dict(config_patches or {})))
+        if cuda_graph_blocker(gm) is None:
+            static.extend(mark_static_inputs(gm))
+        return original(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording)
+    model = tiny_llama(4, 2, 64, layers=1)
+    ids, mask = left_padded_batch(model.config.vocab_size, 1, 40, pads=[0])
+    model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": "kivi2"})
+    generate(model, ids, mask, 3)
+    blockers = [reason for reason, _ in seen.values()]
+    assert blockers == ["it allocates the quantized store", None], blockers
+    assert [patches.get("triton.cudagraphs") for _, patches in seen.values()] == [False, None]
+    # The decode graph's store handles, and the inputs it mutates in place (transformers'
+    # cumulative_length, where the version has it), would be marked static for CUDA graphs.
+    assert {name for name in static if name.endswith(("_keys", "_values"))} == {
+        "l_kwargs_cache_layers_0_keys",
+        "l_kwargs_cache_layers_0_values",
+    }, static

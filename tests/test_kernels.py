@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mixkvq_compile import reference  # noqa: E402
+from mixkvq_compile import ops, reference  # noqa: E402
 from mixkvq_compile.config import PRESETS, KeyTiering, MixKVQConfig  # noqa: E402
 from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
@@ -43,6 +43,7 @@ CONFIGS = {
     "mix_uniform_keys_v16": MixKVQConfig(
         key_tier_fractions=(0.0, 0.0), key_tiering=KeyTiering.UNIFORM, value_bits=16
     ),
+    "difficulty": dataclasses.replace(MIX, key_tiering=KeyTiering.DIFFICULTY),
 }
 
 
@@ -267,6 +268,76 @@ def test_quantize_rounding_edge_cases():
         assert torch.equal(a.keys[name][:, :, :2], b.keys[name][:, :, :2]), name
     assert torch.equal(a.values["codes"][:, :, :2], b.values["codes"][:, :, :2])
     assert torch.equal(a.values["qparams"][:, :, :2], b.values["qparams"][:, :, :2])
+
+
+@pytest.mark.parametrize("name", ["mix", "difficulty", "mix_sinks_v4"])
+def test_bulk_flush_ranks_channels_in_kernel(name):
+    """Without a given order the flush kernel ranks the channels itself: the same order, codes and
+    qparams as ``KVStore._choose_key_order`` + ``_store_groups``, for query-aware and S_d-only ranking,
+    including ties (channels with equal range and equal query statistics)."""
+    config = dataclasses.replace(CONFIGS[name], residual_length=32, group_size=32)
+    lay = StoreLayout.create(config, 2, 2, 300, 64, 64, torch.bfloat16)
+    a, b = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
+    gen = torch.Generator().manual_seed(3)
+    stats = torch.rand(2, 2, 64, generator=gen)
+    stats[..., 10:20] = 0.5  # tied query statistics
+    k = (torch.randn(2, 2, 200, 64, generator=gen) * 2).to(torch.bfloat16)
+    k[..., 10:20] = torch.linspace(-1, 1, 200).to(torch.bfloat16)[:, None]  # ... and tied ranges
+    v = torch.randn(2, 2, 200, 64, generator=gen).to(torch.bfloat16)
+    k, v = k.to(DEVICE), v.to(DEVICE)
+    for st in (a, b):
+        if lay.salience:
+            st.keys["query_abs_sum"].copy_(stats)
+            st.keys["query_count"].fill_(3.0)
+    a._store_groups(0, k[:, :, 8 : 8 + 5 * 32], v[:, :, 8 : 8 + 5 * 32])
+    qkern.store_groups(b, 0, k, v, count=5, offset=8)
+    for name_ in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
+        assert torch.equal(a.keys[name_][:, :, :5].cpu(), b.keys[name_][:, :, :5].cpu()), name_
+    for name_ in ("codes", "qparams"):
+        assert torch.equal(a.values[name_][:, :, :5].cpu(), b.values[name_][:, :, :5].cpu()), name_
+
+
+@pytest.mark.parametrize(
+    "name,dtype", [("mix", torch.bfloat16), ("kivi2", torch.float16), ("mix_sinks_v4", torch.float16)]
+)
+def test_decode_step_without_host_reads_matches_reference(name, dtype):
+    """``ops.decode_step`` (the CUDA-graph path: position, flush and ranking on the device) against the
+    host path (reference attention + ``KVStore.append``) over steps that cross group flushes: the same
+    outputs within the dtype's tolerance and the same store, bit for bit, query statistics included."""
+    config = dataclasses.replace(CONFIGS[name], residual_length=32, group_size=32)
+    lay = StoreLayout.create(config, 2, 1, 160, 64, 64, dtype)
+    host, device = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
+    gen = torch.Generator().manual_seed(5)
+    k = (torch.randn(2, 1, 140, 64, generator=gen) * 2).to(dtype).to(DEVICE)
+    v = torch.randn(2, 1, 140, 64, generator=gen).to(dtype).to(DEVICE)
+    q = torch.randn(2, 5, 140, 64, generator=gen).to(dtype).to(DEVICE)
+    for st in (host, device):
+        st.accumulate_queries(q[:, :, :90])
+        st.append(k[:, :, :90], v[:, :, :90], 0)
+    mask = torch.ones(2, 1, 1, 160, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :7] = False  # a left-padded row
+    scale = 0.7 / 64**0.5
+    for t in range(90, 101):  # group flushes at 96 (and 99 with 3 sinks)
+        step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+        expected = ops._attend_with_reference(*step, host, t, t + 1, mask, scale, True)
+        host.accumulate_queries(step[0])
+        host.append(step[1], step[2], t)
+        out = ops.decode_step(*step, torch.tensor([t], device=DEVICE), device, mask, scale, True)
+        assert _rel(out, expected.float()) < TOL[dtype]
+        _stores_equal(host, device, t + 1)
+        assert device.length == t + 1
+        if lay.salience:
+            assert torch.equal(host.keys["query_abs_sum"], device.keys["query_abs_sum"])
+    # Position 0 starts a new sequence: the statistics restart from this query alone.
+    ops.decode_step(
+        q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.tensor([0], device=DEVICE), device, None, scale, True
+    )
+    assert device.length == 1
+    if lay.salience:
+        fresh = KVStore.open(lay, *allocate(lay, DEVICE))
+        fresh.accumulate_queries(q[:, :, :1])
+        assert torch.equal(fresh.keys["query_abs_sum"], device.keys["query_abs_sum"])
+        assert torch.equal(fresh.keys["query_count"], device.keys["query_count"])
 
 
 @gpu_only

@@ -5,8 +5,9 @@ Importing this package does not import Triton. The kernel modules do, on first i
 - ``mixkvq_compile.kernels.decode_attention``: ``decode_attention`` (fused split-K attention of a few
   query tokens over sinks, packed groups and the ring, with a combine step);
 - ``mixkvq_compile.kernels.quantize``: ``store_groups`` (quantize and pack whole groups into the store,
-  one or many at once), ``write_tokens`` (full-precision sink/ring writes) and ``append`` (the fused
-  equivalent of ``KVStore.append``).
+  one or many at once, channel ranking in the kernel), ``write_tokens`` (full-precision sink/ring
+  writes), ``append`` (the fused equivalent of ``KVStore.append``) and ``append_token`` (one decode
+  token at a position held on the device: no host read, CUDA-graph capturable).
 
 On a machine without CUDA the kernel modules set ``TRITON_INTERPRET=1`` (unless it is set already)
 before defining their kernels, so the same kernels run in Triton's CPU interpreter for tests.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "store_groups": "quantize",
     "write_tokens": "quantize",
     "append": "quantize",
+    "append_token": "quantize",
 }
 
 __all__ = sorted(_EXPORTS)

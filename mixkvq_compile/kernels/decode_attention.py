@@ -352,6 +352,8 @@ def _attn_split_kernel(
     fg = tl.minimum(tl.maximum(length - S - R, 0) // G, NG)
     if not FP_PART:
         # Packed groups [g0, g1).
+        if LENGTH_FROM_PTR:  # the length is known only here: spread the filled groups over the splits
+            groups_per_split = tl.cdiv(fg, num_splits)
         g0 = sp * groups_per_split
         g1 = tl.minimum(g0 + groups_per_split, fg)
         tok = tl.arange(0, GP)

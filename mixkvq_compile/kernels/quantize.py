@@ -20,7 +20,7 @@ import torch
 from ..store import KVStore
 from ._runtime import interpreting, layout_constexprs, next_pow2, store_arguments, tl, triton
 
-__all__ = ["append", "store_groups", "write_tokens"]
+__all__ = ["append", "append_token", "store_groups", "write_tokens"]
 
 
 @triton.jit
@@ -51,40 +51,41 @@ def _quantize_pack(x, sc16, z16, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
+def _gate(cond, active):
+    """``cond & active`` for a scalar int32 ``active`` (0/1); the interpreter cannot ``&`` a scalar bool."""
+    return cond & ((cond.to(tl.int32) * 0 + active) > 0)
+
+
+@triton.jit
 def _store_key_tier(
     k_ptr,
     k_base,
     skl,
     skd,
     tok,
-    ord_ptr,
-    ord_base,
-    sod,
+    idx,
     data_ptr,
     qp_ptr,
     bh64,
     grp,
     kv_ptr,
-    OFF: tl.constexpr,
+    active,
     C: tl.constexpr,
     CP: tl.constexpr,
     BITS: tl.constexpr,
     G: tl.constexpr,
     NG: tl.constexpr,
-    MIXED: tl.constexpr,
 ):
+    """Quantize the tier's channels ``idx [CP]`` (``C`` valid) of one group and write codes/qparams."""
     ch = tl.arange(0, CP)
     ch_ok = ch < C
-    if MIXED:
-        idx = tl.load(ord_ptr + ord_base + (OFF + ch).to(tl.int64) * sod, mask=ch_ok, other=0).to(tl.int64)
-    else:
-        idx = (OFF + ch).to(tl.int64)
     x = tl.load(k_ptr + k_base + tok[None, :] * skl + idx[:, None] * skd, mask=ch_ok[:, None], other=0.0)
     x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
     g = tl.arange(0, G)
+    ok = _gate(ch_ok, active)
     if BITS == 16:
         dst = data_ptr + bh64 * (NG * C * G) + (grp * C + ch[:, None]) * G + g[None, :]
-        tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ch_ok[:, None])
+        tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ok[:, None])
     else:
         NB: tl.constexpr = G * BITS // 8
         xmin = tl.min(x, axis=1)
@@ -92,10 +93,80 @@ def _store_key_tier(
         sc16, z16 = _qparams(xmin, xmax, BITS)
         packed = _quantize_pack(x, sc16, z16, CP, G, BITS)
         dst = data_ptr + bh64 * (NG * C * NB) + (grp * C + ch[:, None]) * NB + tl.arange(0, NB)[None, :]
-        tl.store(dst, packed, mask=ch_ok[:, None])
+        tl.store(dst, packed, mask=ok[:, None])
         qp = qp_ptr + bh64 * (NG * C * 2) + (grp * C + ch) * 2
-        tl.store(qp, sc16, mask=ch_ok)
-        tl.store(qp + 1, z16, mask=ch_ok)
+        tl.store(qp, sc16, mask=ok)
+        tl.store(qp + 1, z16, mask=ok)
+
+
+@triton.jit
+def _rank_channels(
+    k_ptr,
+    k_base,
+    skl,
+    skd,
+    tok,
+    qsum_ptr,
+    qcount_ptr,
+    bh,
+    kv_ptr,
+    D: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    SALIENCE: tl.constexpr,
+):
+    """Position of each channel in the group's order ``[D]`` (int32), like ``KVStore._choose_key_order``.
+
+    Score per channel: S_d = (max - min) / 3 over the group (keys rounded to the store dtype), times
+    I_d = query_abs_sum / max(query_count, 1) when SALIENCE. Channel j ranks after every channel i with
+    a higher score, or an equal score and a higher S_d, or both equal and i < j (the stable descending
+    sorts of the reference). Ranks < C0 go to the high tier, < C0 + C1 to the mid tier, the rest low;
+    each tier lists its channels in ascending index order.
+    """
+    dd = tl.arange(0, D)
+    x = tl.load(k_ptr + k_base + tok[None, :] * skl + dd[:, None].to(tl.int64) * skd)
+    x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
+    step = tl.math.div_rn(tl.max(x, axis=1) - tl.min(x, axis=1), tl.full([D], 3.0, tl.float32))
+    score = step
+    if SALIENCE:
+        count = tl.maximum(tl.load(qcount_ptr + bh + 0 * dd), 1.0)
+        score = tl.load(qsum_ptr + bh.to(tl.int64) * D + dd)
+        score = tl.math.div_rn(score, count) * step
+    si = score[:, None]
+    sj = score[None, :]
+    ti = step[:, None]
+    tj = step[None, :]
+    before = (si > sj) | ((si == sj) & ((ti > tj) | ((ti == tj) & (dd[:, None] < dd[None, :]))))
+    rank = tl.sum(before.to(tl.int32), axis=0)
+    tier = (rank >= C0).to(tl.int32) + (rank >= C0 + C1).to(tl.int32)
+    same_before = (tier[:, None] == tier[None, :]) & (dd[:, None] < dd[None, :])
+    within = tl.sum(same_before.to(tl.int32), axis=0)
+    return tl.where(tier == 0, 0, tl.where(tier == 1, C0, C0 + C1)) + within
+
+
+@triton.jit
+def _tier_index(
+    ord_ptr,
+    ord_base,
+    sod,
+    position,
+    OFF: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    D: tl.constexpr,
+    MIXED: tl.constexpr,
+    RANK: tl.constexpr,
+):
+    """Channel indices ``[CP]`` (int64) of the tier at order offsets ``OFF .. OFF + C - 1``."""
+    ch = tl.arange(0, CP)
+    if RANK:
+        dd = tl.arange(0, D)
+        hit = position[None, :] == (OFF + ch)[:, None]
+        return tl.sum(tl.where(hit, dd[None, :], 0), axis=1).to(tl.int64)
+    elif MIXED:
+        return tl.load(ord_ptr + ord_base + (OFF + ch).to(tl.int64) * sod, mask=ch < C, other=0).to(tl.int64)
+    else:
+        return (OFF + ch).to(tl.int64)
 
 
 @triton.jit(do_not_specialize=["first", "offset", "wrap"])
@@ -125,6 +196,9 @@ def _store_groups_kernel(
     vdata_ptr,
     vq_ptr,
     kv_ptr,
+    qsum_ptr,
+    qcount_ptr,
+    pos_ptr,
     first,
     offset,
     wrap,
@@ -133,6 +207,8 @@ def _store_groups_kernel(
     DV: tl.constexpr,
     G: tl.constexpr,
     NG: tl.constexpr,
+    S: tl.constexpr,
+    R: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     C2: tl.constexpr,
@@ -145,96 +221,63 @@ def _store_groups_kernel(
     MIXED: tl.constexpr,
     VB: tl.constexpr,
     VGS: tl.constexpr,
+    RANK: tl.constexpr,
+    SALIENCE: tl.constexpr,
+    FROM_PTR: tl.constexpr,
 ):
     bh = tl.program_id(0)
     n = tl.program_id(1)
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
-    grp = first + n
+    if FROM_PTR:
+        # A decode step that wrote one token at position p = *pos_ptr into the ring (``wrap`` = W
+        # slots): flush group ``old`` from the ring iff the token completed it.
+        p = tl.load(pos_ptr).to(tl.int32)
+        old = tl.minimum(tl.maximum(p - S - R, 0) // G, NG)
+        active = (tl.minimum(tl.maximum(p + 1 - S - R, 0) // G, NG) > old).to(tl.int32)
+        grp = tl.minimum(old, NG - 1)
+        offset = (grp * G) % wrap
+    else:
+        active = (n >= 0).to(tl.int32)
+        grp = first + n
     g = tl.arange(0, G)
     tok = ((offset + n * G + g) % wrap).to(tl.int64)
     k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
     ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
-    if MIXED:
-        dd = tl.arange(0, D)
+    dd = tl.arange(0, D)
+    position = dd
+    if RANK:
+        position = _rank_channels(
+            k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
+        )
+        tl.store(
+            order_out_ptr + bh64 * (NG * D) + grp * D + position, dd.to(tl.uint8), mask=_gate(dd < D, active)
+        )
+    elif MIXED:
         o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
-        tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
+        tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8), mask=_gate(dd < D, active))
     if C0 > 0:
+        idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
         _store_key_tier(
-            k_ptr,
-            k_base,
-            skl,
-            skd,
-            tok,
-            ord_ptr,
-            ord_base,
-            sod,
-            k0_ptr,
-            kq0_ptr,
-            bh64,
-            grp,
-            kv_ptr,
-            0,
-            C0,
-            CP0,
-            B0,
-            G,
-            NG,
-            MIXED,
+            k_ptr, k_base, skl, skd, tok, idx, k0_ptr, kq0_ptr, bh64, grp, kv_ptr, active, C0, CP0, B0, G, NG
         )
     if C1 > 0:
+        idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
         _store_key_tier(
-            k_ptr,
-            k_base,
-            skl,
-            skd,
-            tok,
-            ord_ptr,
-            ord_base,
-            sod,
-            k1_ptr,
-            kq1_ptr,
-            bh64,
-            grp,
-            kv_ptr,
-            C0,
-            C1,
-            CP1,
-            B1,
-            G,
-            NG,
-            MIXED,
+            k_ptr, k_base, skl, skd, tok, idx, k1_ptr, kq1_ptr, bh64, grp, kv_ptr, active, C1, CP1, B1, G, NG
         )
     if C2 > 0:
+        idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
         _store_key_tier(
-            k_ptr,
-            k_base,
-            skl,
-            skd,
-            tok,
-            ord_ptr,
-            ord_base,
-            sod,
-            k2_ptr,
-            kq2_ptr,
-            bh64,
-            grp,
-            kv_ptr,
-            C0 + C1,
-            C2,
-            CP2,
-            B2,
-            G,
-            NG,
-            MIXED,
+            k_ptr, k_base, skl, skd, tok, idx, k2_ptr, kq2_ptr, bh64, grp, kv_ptr, active, C2, CP2, B2, G, NG
         )
     v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
     if VB == 16:
         c = tl.arange(0, DV)
         x = tl.load(v_ptr + v_base + tok[:, None] * svl + c[None, :].to(tl.int64) * svd)
         dst = vdata_ptr + bh64 * (NG * G * DV) + (grp * G + g[:, None]) * DV + c[None, :]
-        tl.store(dst, x.to(vdata_ptr.dtype.element_ty))
+        tl.store(dst, x.to(vdata_ptr.dtype.element_ty), mask=_gate(g[:, None] < G, active))
     else:
         NVG: tl.constexpr = DV // VGS
         VGB: tl.constexpr = VGS * VB // 8
@@ -245,11 +288,12 @@ def _store_groups_kernel(
         x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
         sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
         packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
+        row_ok = _gate(rows < G * NVG, active)
         dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
-        tl.store(dst + tl.arange(0, VGB)[None, :], packed)
+        tl.store(dst + tl.arange(0, VGB)[None, :], packed, mask=row_ok[:, None])
         qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
-        tl.store(qp, sc16)
-        tl.store(qp + 1, z16)
+        tl.store(qp, sc16, mask=row_ok)
+        tl.store(qp + 1, z16, mask=row_ok)
 
 
 def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
@@ -260,14 +304,6 @@ def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
     if device.type != "cuda" and not interpreting():
         raise ValueError("mixkvq kernels: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     return device
-
-
-def _source_tokens(x: torch.Tensor, count: int, g: int, offset: int, wrap: int | None) -> torch.Tensor:
-    """``[B, H, count * G, D]`` source rows ``(offset + t) % wrap`` (for the PyTorch order choice)."""
-    idx = torch.arange(offset, offset + count * g, device=x.device)
-    if wrap is not None:
-        idx = idx % wrap
-    return x[:, :, idx]
 
 
 def store_groups(
@@ -292,8 +328,9 @@ def store_groups(
             be the source.
         count: groups to write (default ``(T - offset) // G``).
         order: ``[B, H, count, D]`` integer channel permutation per group (high tier first, each tier
-            ascending); default: ``store._choose_key_order`` on the source keys (PyTorch). Ignored
-            when the layout has a single key tier.
+            ascending); default: ranked in the kernel from the source keys and the store's query
+            statistics, exactly as ``KVStore._choose_key_order`` does. Ignored when the layout has a
+            single key tier.
 
     Equivalent to ``KVStore._store_groups(first, keys, values)`` on the same tokens, bit for bit.
     """
@@ -319,31 +356,33 @@ def store_groups(
         raise ValueError(
             f"store_groups: {count} groups from offset {offset} need more than {key.shape[2]} tokens"
         )
-    if lay.mixed_keys:
-        if order is None:
-            k = _source_tokens(key, count, g, offset, wrap).to(lay.dtype).float()
-            k = k.reshape(lay.batch, lay.heads, count, g, lay.head_dim).transpose(-1, -2)
-            order = store._choose_key_order(k)
+    if lay.mixed_keys and order is not None:
         if tuple(order.shape) != (lay.batch, lay.heads, count, lay.head_dim) or order.dtype.is_floating_point:
             raise ValueError(
                 f"store_groups: order must be integer [{lay.batch}, {lay.heads}, {count}, "
                 f"{lay.head_dim}], got {order.dtype} {tuple(order.shape)}"
             )
         order = order.to(device)
-        order_out = store.keys["order"]
-    else:
-        order = order_out = store.keys["ring"]
+    _launch_store_groups(store, key, value, count, order, first, offset, wrap)
+
+
+def _launch_store_groups(store, key, value, count, order, first, offset, wrap, position=None) -> None:
+    """One launch of ``_store_groups_kernel`` (``position``: a decode step's one-element position tensor,
+    which makes the launch a predicated one-group flush from the ring)."""
+    lay = store.layout
     keys = store.keys
+    rank = lay.mixed_keys and order is None
+    given = order if order is not None else keys["ring"]
     tiers, vdata, vq = store_arguments(store)
-    big = 1 << 30
+    stats = (keys["query_abs_sum"], keys["query_count"]) if lay.salience else (keys["ring"], keys["ring"])
     _store_groups_kernel[(lay.batch * lay.heads, count)](
         key,
         *key.stride(),
         value,
         *value.stride(),
-        order,
-        *(order.stride() if lay.mixed_keys else (0, 0, 0, 0)),
-        order_out,
+        given,
+        *(given.stride() if order is not None else (0, 0, 0, 0)),
+        keys["order"] if lay.mixed_keys else keys["ring"],
         tiers[0][0],
         tiers[0][1],
         tiers[1][0],
@@ -353,15 +392,22 @@ def store_groups(
         vdata,
         vq,
         keys["ring"],
+        *stats,
+        position if position is not None else keys["header"],
         int(first),
         int(offset),
-        int(wrap) if wrap is not None else big,
+        int(wrap) if wrap is not None else 1 << 30,
         H=lay.heads,
         D=lay.head_dim,
         DV=lay.value_dim,
-        G=g,
-        NG=lay.num_groups,
+        G=lay.group_size,
+        NG=max(lay.num_groups, 1),
+        S=lay.sink_tokens,
+        R=lay.residual_length,
         **layout_constexprs(lay, tiers),
+        RANK=rank,
+        SALIENCE=rank and lay.salience,
+        FROM_PTR=position is not None,
         num_warps=4,
     )
 
@@ -384,6 +430,7 @@ def _write_tokens_kernel(
     vring_ptr,
     khdr_ptr,
     vhdr_ptr,
+    pos_ptr,
     start,
     ring_from,
     new_length,
@@ -395,9 +442,14 @@ def _write_tokens_kernel(
     BLOCK_T: tl.constexpr,
     LQ: tl.constexpr,
     SET_LENGTH: tl.constexpr,
+    START_FROM_PTR: tl.constexpr,
 ):
     bh = tl.program_id(0)
     tb = tl.program_id(1)
+    if START_FROM_PTR:  # a decode step: append at the position held on the device
+        start = tl.load(pos_ptr).to(tl.int32)
+        ring_from = start
+        new_length = start + LQ
     if SET_LENGTH:  # the store header's token count (field 2 of both blobs), CUDA-graph friendly
         first = (bh == 0) & (tb == 0)
         tl.store(khdr_ptr + 2, new_length.to(tl.int64), mask=first)
@@ -437,7 +489,7 @@ def write_tokens(
     store: KVStore,
     key: torch.Tensor,
     value: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     *,
     ring_from: int | None = None,
     set_length: int | None = None,
@@ -447,7 +499,13 @@ def write_tokens(
     Positions below ``sink_tokens`` go to the sinks; positions ``>= max(sink_tokens, ring_from)`` go to
     ring slot ``(p - S) % W`` (``ring_from`` defaults to ``start``); nothing else is written. With
     ``set_length`` the same launch also stores the token count in both headers (no host copy).
+    ``start`` may be a one-element integer tensor on the device (a decode step under a CUDA graph):
+    then ``ring_from = start`` and the headers get ``start + Lq``; ``ring_from``/``set_length`` must
+    be None.
     """
+    from_ptr = isinstance(start, torch.Tensor)
+    if from_ptr and (ring_from is not None or set_length is not None or start.numel() != 1):
+        raise ValueError("write_tokens: a tensor start must have one element and no ring_from/set_length")
     lay = store.layout
     _check_device(store, key, value)
     lq = key.shape[2]
@@ -460,7 +518,7 @@ def write_tokens(
         raise ValueError(
             f"write_tokens: key {tuple(key.shape)} / value {tuple(value.shape)} do not match the store"
         )
-    if lq == 0:
+    if lq == 0 and not from_ptr:
         if set_length is not None:
             store.set_length(set_length)
         return
@@ -476,8 +534,9 @@ def write_tokens(
         store.values["ring"],
         store.keys["header"],
         store.values["header"],
-        int(start),
-        int(start if ring_from is None else ring_from),
+        start if from_ptr else store.keys["header"],
+        0 if from_ptr else int(start),
+        0 if from_ptr else int(start if ring_from is None else ring_from),
         int(set_length or 0),
         H=lay.heads,
         D=lay.head_dim,
@@ -486,7 +545,8 @@ def write_tokens(
         W=max(lay.window, 1),
         BLOCK_T=block_t,
         LQ=lq,
-        SET_LENGTH=set_length is not None,
+        SET_LENGTH=from_ptr or set_length is not None,
+        START_FROM_PTR=from_ptr,
         num_warps=4,
     )
 
@@ -533,3 +593,25 @@ def append(
                 src_v = torch.cat([store.values["ring"][:, :, old], value.to(lay.dtype)], dim=2)
                 store_groups(store, old_groups, src_k, src_v, count=flush)
         write_tokens(store, key, value, start, ring_from=remain_start, set_length=end)
+
+
+def append_token(store: KVStore, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
+    """Append one decode token at the position held in ``position`` (one integer element on the
+    device) without any host read: the write into the ring and a predicated flush of the group it
+    completes (channel ranking included) are two launches, so the step can be captured in a CUDA graph.
+
+    Args:
+        key, value: ``[B, H, 1, D]`` / ``[B, H, 1, Dv]`` the token's key (post-RoPE) and value.
+        position: its cache position; the store must hold exactly ``position`` tokens (an append) or
+            more, within the full-precision window (a rewind). Not checked on the host: the caller
+            guarantees it (``mixkvq::kv_attention`` asserts ``position < capacity`` on the device).
+
+    Leaves the store equal, bit for bit, to ``KVStore.append(key, value, position)``.
+    """
+    lay = store.layout
+    if key.dim() != 4 or key.shape[2] != 1:
+        raise ValueError(f"append_token: expected one token [B, H, 1, D], got {tuple(key.shape)}")
+    write_tokens(store, key, value, position)
+    if lay.num_groups:
+        ring_k, ring_v = store.keys["ring"], store.values["ring"]
+        _launch_store_groups(store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), position=position)
