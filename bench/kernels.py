@@ -1,6 +1,7 @@
 """Decode-attention and quantization kernels vs PyTorch SDPA on one GPU.
 
     python3 bench/kernels.py            # all shapes; writes $OUT/kernels.json when $OUT is set
+    python3 bench/kernels.py 8x32768,1x131072   # only these batch x context shapes
 
 For each batch x context and each quantization setting: the fused Triton decode kernel, cuDNN SDPA fp16,
 flash SDPA fp16 (both on full-precision K/V of the same size, the query heads of a KV head folded into
@@ -121,7 +122,10 @@ def main() -> None:
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     print("stores filled with random codes/qparams/orders written directly into the views (not quantized)")
     results, table = [], []
-    for batch, ctx in SHAPES:
+    shapes = SHAPES
+    if len(sys.argv) > 1:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in sys.argv[1].split(",")]
+    for batch, ctx in shapes:
         q = torch.randn(batch, HQ, 1, D, dtype=DTYPE, device="cuda")
         q_rows = q.view(batch, HKV, HQ // HKV, D)  # the query heads of a KV head as query rows
         fp_bytes = batch * HKV * ctx * D * 2 * 2
@@ -190,6 +194,11 @@ def main() -> None:
             app = bench_graph(lambda: qkern.append(store, tk, tv, ctx, length=ctx))  # noqa: B023
             app_flush = bench_graph(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
             app_flush_eager = bench(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
+            # The decode step's device-side append (position in a tensor, predicated flush).
+            pos = torch.tensor([ctx], device="cuda")
+            app_token = bench_graph(lambda: qkern.append_token(store, tk, tv, pos))  # noqa: B023
+            pos_flush = torch.tensor([flush_at], device="cuda")
+            app_token_flush = bench_graph(lambda: qkern.append_token(store, tk, tv, pos_flush))  # noqa: B023
 
             def torch_append(p=flush_at, store=store, tk=tk, tv=tv):
                 store.set_length(p)
@@ -217,6 +226,8 @@ def main() -> None:
                 append_ms=app,
                 append_flush_ms=app_flush,
                 append_flush_eager_ms=app_flush_eager,
+                append_token_ms=app_token,
+                append_token_flush_ms=app_token_flush,
                 append_torch_flush_ms=app_torch,
                 append_amortized_pct=100 * amortized / ours,
                 sweep=sweep,
@@ -288,6 +299,11 @@ def main() -> None:
             print(r["shape"], r["config"], {k: round(v, 4) for k, v in r["sweep"].items()})
     for cname, p in prompt.items():
         print(f"bulk 32k prompt {cname}: triton {p['triton_ms']:.3f} ms, torch {p['torch_ms']:.3f} ms")
+    for r in table:
+        print(
+            f"append_token {r['shape']} {r['config']}: {r['append_token_ms'] * 1e3:.1f} us, with flush "
+            f"{r['append_token_flush_ms'] * 1e3:.1f} us"
+        )
     compiler_report()
 
 

@@ -156,28 +156,46 @@ def _attend_with_reference(query, key, value, store, start, visible, attn_mask, 
     return reference.attention(query, keys, values, mask, scale, start if is_causal else None).contiguous()
 
 
+# Query tokens up to which the fused kernel attends over the packed store (decode, speculative
+# chunks); longer chunks dequantize the prefix once and run SDPA, which amortizes the dequantization
+# over the chunk (the fused kernel would repeat it for every block of 64 query rows).
+FUSED_MAX_QUERY = 16
+
+
 def _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal):
-    """CUDA path: a fresh sequence's prompt attends only to itself in full precision (cuDNN/flash SDPA);
-    otherwise the fused Triton kernel reads the packed store once, plus the new tokens."""
-    if start == 0:
-        mask = None if attn_mask is None else attn_mask[..., : query.shape[2]]
-        causal = is_causal and mask is None
-        n_rep = query.shape[1] // key.shape[1]
-        # Repeat the chunk's KV heads: SDPA's enable_gqa path falls back to the math kernel for some
-        # dtypes/backends, which materializes the Lq x Lq scores.
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key.repeat_interleave(n_rep, 1),
-            value.repeat_interleave(n_rep, 1),
-            attn_mask=mask,
-            scale=scale,
-            is_causal=causal,
+    """CUDA path: up to ``FUSED_MAX_QUERY`` queries after a stored prefix, the fused Triton kernel reads
+    the packed store once, plus the new tokens; a prompt (or a long chunk) runs cuDNN/flash SDPA over
+    the new tokens, after the prefix dequantized once (``store.read``) when there is one."""
+    lq = query.shape[2]
+    if start > 0 and lq <= FUSED_MAX_QUERY:
+        from .kernels.decode_attention import decode_attention
+
+        out = decode_attention(
+            query, store, start, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
         )
         return out.contiguous()
-    from .kernels.decode_attention import decode_attention
+    dtype = store.layout.dtype
+    if start:
+        past_key, past_value = store.read(start)
+        key = torch.cat([past_key, key.to(dtype)], dim=2)
+        value = torch.cat([past_value, value.to(dtype)], dim=2)
+    total = start + lq
+    mask = None if attn_mask is None else attn_mask[..., :total]
+    if mask is None and is_causal and start:
+        # Query i sits at position start + i: causal from the lower right of the [Lq, total] scores.
+        from torch.nn.attention.bias import causal_lower_right
 
-    out = decode_attention(
-        query, store, start, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
+        mask = causal_lower_right(lq, total)
+    n_rep = query.shape[1] // key.shape[1]
+    # Repeat the KV heads: SDPA's enable_gqa path falls back to the math kernel for some
+    # dtypes/backends, which materializes the Lq x total scores.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(n_rep, 1).to(query.dtype),
+        value.repeat_interleave(n_rep, 1).to(query.dtype),
+        attn_mask=mask,
+        scale=scale,
+        is_causal=is_causal and mask is None,
     )
     return out.contiguous()
 

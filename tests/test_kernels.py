@@ -340,6 +340,27 @@ def test_decode_step_without_host_reads_matches_reference(name, dtype):
         assert torch.equal(fresh.keys["query_count"], device.keys["query_count"])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_chunk_after_prefix_matches_reference(masked):
+    """The CUDA path's chunked prefill (prefix dequantized once, then SDPA with a lower-right causal
+    mask or the model's mask) equals the reference path on the same store."""
+    dtype = torch.float32
+    store = _store(MIX, dtype=dtype, tokens=90, chunks=(50,), seed=6)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 5, 40, 64, generator=gen).to(DEVICE)
+    k = torch.randn(3, 1, 40, 64, generator=gen).to(DEVICE)
+    v = torch.randn(3, 1, 40, 64, generator=gen).to(DEVICE)
+    mask = None
+    if masked:  # causal + left padding of row 1, as transformers builds it
+        pos = torch.arange(160, device=DEVICE)
+        mask = (pos[None, :] <= (90 + torch.arange(40, device=DEVICE))[:, None]).expand(3, 1, 40, 160).clone()
+        mask[1, ..., :9] = False
+    scale = 0.7 / 8
+    out = ops._attend_with_kernels(q, k, v, store, 90, mask, scale, not masked)
+    ref = ops._attend_with_reference(q, k, v, store, 90, 130, mask, scale, not masked)
+    assert _rel(out, ref.float()) < TOL[dtype]
+
+
 @gpu_only
 @pytest.mark.parametrize("name", ["kivi2", "mix"])
 def test_decode_gpu_gqa_large(name):

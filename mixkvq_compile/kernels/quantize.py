@@ -241,59 +241,112 @@ def _store_groups_kernel(
     else:
         active = (n >= 0).to(tl.int32)
         grp = first + n
-    g = tl.arange(0, G)
-    tok = ((offset + n * G + g) % wrap).to(tl.int64)
-    k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
-    dd = tl.arange(0, D)
-    position = dd
-    if RANK:
-        position = _rank_channels(
-            k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
-        )
-        tl.store(
-            order_out_ptr + bh64 * (NG * D) + grp * D + position, dd.to(tl.uint8), mask=_gate(dd < D, active)
-        )
-    elif MIXED:
-        o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
-        tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8), mask=_gate(dd < D, active))
-    if C0 > 0:
-        idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
-        _store_key_tier(
-            k_ptr, k_base, skl, skd, tok, idx, k0_ptr, kq0_ptr, bh64, grp, kv_ptr, active, C0, CP0, B0, G, NG
-        )
-    if C1 > 0:
-        idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
-        _store_key_tier(
-            k_ptr, k_base, skl, skd, tok, idx, k1_ptr, kq1_ptr, bh64, grp, kv_ptr, active, C1, CP1, B1, G, NG
-        )
-    if C2 > 0:
-        idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
-        _store_key_tier(
-            k_ptr, k_base, skl, skd, tok, idx, k2_ptr, kq2_ptr, bh64, grp, kv_ptr, active, C2, CP2, B2, G, NG
-        )
-    v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    if VB == 16:
-        c = tl.arange(0, DV)
-        x = tl.load(v_ptr + v_base + tok[:, None] * svl + c[None, :].to(tl.int64) * svd)
-        dst = vdata_ptr + bh64 * (NG * G * DV) + (grp * G + g[:, None]) * DV + c[None, :]
-        tl.store(dst, x.to(vdata_ptr.dtype.element_ty), mask=_gate(g[:, None] < G, active))
-    else:
-        NVG: tl.constexpr = DV // VGS
-        VGB: tl.constexpr = VGS * VB // 8
-        rows = tl.arange(0, G * NVG)  # (token, channel group)
-        rtok = ((offset + n * G + rows // NVG) % wrap).to(tl.int64)
-        c = (rows % NVG)[:, None] * VGS + tl.arange(0, VGS)[None, :]
-        x = tl.load(v_ptr + v_base + rtok[:, None] * svl + c.to(tl.int64) * svd)
-        x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
-        sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
-        packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
-        row_ok = _gate(rows < G * NVG, active)
-        dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
-        tl.store(dst + tl.arange(0, VGB)[None, :], packed, mask=row_ok[:, None])
-        qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
-        tl.store(qp, sc16, mask=row_ok)
-        tl.store(qp + 1, z16, mask=row_ok)
+    if active != 0:  # a decode step's flush kernel does nothing unless the token completed a group
+        g = tl.arange(0, G)
+        tok = ((offset + n * G + g) % wrap).to(tl.int64)
+        k_base = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
+        dd = tl.arange(0, D)
+        position = dd
+        if RANK:
+            position = _rank_channels(
+                k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
+            )
+            tl.store(
+                order_out_ptr + bh64 * (NG * D) + grp * D + position,
+                dd.to(tl.uint8),
+                mask=_gate(dd < D, active),
+            )
+        elif MIXED:
+            o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
+            tl.store(
+                order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8), mask=_gate(dd < D, active)
+            )
+        if C0 > 0:
+            idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
+            _store_key_tier(
+                k_ptr,
+                k_base,
+                skl,
+                skd,
+                tok,
+                idx,
+                k0_ptr,
+                kq0_ptr,
+                bh64,
+                grp,
+                kv_ptr,
+                active,
+                C0,
+                CP0,
+                B0,
+                G,
+                NG,
+            )
+        if C1 > 0:
+            idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
+            _store_key_tier(
+                k_ptr,
+                k_base,
+                skl,
+                skd,
+                tok,
+                idx,
+                k1_ptr,
+                kq1_ptr,
+                bh64,
+                grp,
+                kv_ptr,
+                active,
+                C1,
+                CP1,
+                B1,
+                G,
+                NG,
+            )
+        if C2 > 0:
+            idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
+            _store_key_tier(
+                k_ptr,
+                k_base,
+                skl,
+                skd,
+                tok,
+                idx,
+                k2_ptr,
+                kq2_ptr,
+                bh64,
+                grp,
+                kv_ptr,
+                active,
+                C2,
+                CP2,
+                B2,
+                G,
+                NG,
+            )
+        v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        if VB == 16:
+            c = tl.arange(0, DV)
+            x = tl.load(v_ptr + v_base + tok[:, None] * svl + c[None, :].to(tl.int64) * svd)
+            dst = vdata_ptr + bh64 * (NG * G * DV) + (grp * G + g[:, None]) * DV + c[None, :]
+            tl.store(dst, x.to(vdata_ptr.dtype.element_ty), mask=_gate(g[:, None] < G, active))
+        else:
+            NVG: tl.constexpr = DV // VGS
+            VGB: tl.constexpr = VGS * VB // 8
+            rows = tl.arange(0, G * NVG)  # (token, channel group)
+            rtok = ((offset + n * G + rows // NVG) % wrap).to(tl.int64)
+            c = (rows % NVG)[:, None] * VGS + tl.arange(0, VGS)[None, :]
+            x = tl.load(v_ptr + v_base + rtok[:, None] * svl + c.to(tl.int64) * svd)
+            x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
+            sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
+            packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
+            row_ok = _gate(rows < G * NVG, active)
+            dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
+            tl.store(dst + tl.arange(0, VGB)[None, :], packed, mask=row_ok[:, None])
+            qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
+            tl.store(qp, sc16, mask=row_ok)
+            tl.store(qp + 1, z16, mask=row_ok)
 
 
 def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
