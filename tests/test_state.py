@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import torch._inductor.config
 
 import mixkvq_compile
 from mixkvq_compile.passes import manager, sites
@@ -74,7 +75,13 @@ def test_dynamic_cache_is_untouched_with_one_warning(caplog):
     kwargs = {"attention_mask": mask, "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
     expected = model.generate(ids, **kwargs)
     model.forward = torch.compile(model.forward, backend="mixkvq")
-    with caplog.at_level(logging.WARNING, logger="mixkvq_compile"):
+    # torch 2.11's CPU codegen references an undeclared variable in the bounds check of this graph's
+    # indirect indexing (pytorch/pytorch#178244, fixed by #180212); the graph is transformers' own
+    # (nothing is rewritten), so the check is switched off rather than the test skipped.
+    with (
+        caplog.at_level(logging.WARNING, logger="mixkvq_compile"),
+        torch._inductor.config.patch(assert_indirect_indexing=False),
+    ):
         tokens = model.generate(ids, **kwargs)
     assert torch.equal(tokens, expected)
     assert mixkvq_compile.counters["attention_rewritten"] == 0
