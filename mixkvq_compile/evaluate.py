@@ -29,6 +29,9 @@ configuration on a 2-core CPU). ``compiler="inductor"`` uses ``mixkvq_compile.ba
 Command line (``mixkvq-eval --help``)::
 
     mixkvq-eval --out docs/accuracy          # SmolLM2-135M on pydoc_data topics, the issue's table
+
+After the 16-bit baseline, the configurations are measured in ``--jobs`` processes (default 2, one
+thread each), each against the baseline's ``Reference``; the numbers equal a sequential run's.
 """
 
 from __future__ import annotations
@@ -121,6 +124,15 @@ def _forward_params(model) -> set[str]:
         if module is not None:
             names |= set(inspect.signature(module.forward).parameters)
     return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What the 16-bit baseline leaves for the other cases: log-probabilities ``[n_scored, V]`` at the
+    scored positions and the greedy tokens ``[new_tokens]``."""
+
+    logp: torch.Tensor
+    tokens: torch.Tensor
 
 
 def new_cache(model, max_cache_len: int):
@@ -238,12 +250,16 @@ def evaluate(
     compiler: str = "eager",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
-) -> list[EvalResult]:
+    reference: Reference | None = None,
+    return_reference: bool = False,
+) -> list[EvalResult] | tuple[list[EvalResult], Reference]:
     """Measure every case on ``ids`` (``[T]`` int64); see the module docstring for the metrics.
 
     ``model``: a transformers causal LM in eval mode whose attention reaches SDPA over a
     ``StaticCache``; its dtype is the cache dtype. Raises ``RuntimeError`` when a compiled
     configuration rewrote no attention (the backend did not see the cache; nothing was quantized).
+    The first case must be the 16-bit baseline unless ``reference`` (from an earlier call with
+    ``return_reference=True``, which then returns ``(results, reference)``) is given.
     """
     from .passes import counters, reset_counters
 
@@ -259,8 +275,8 @@ def evaluate(
     n_scored = total - 1 - score_from
     bar = _progress_bar(len(cases) * (total + prompt_tokens + new_tokens), progress)
 
-    reference_logp = torch.empty(0)
-    reference_tokens = torch.empty(0, dtype=torch.long)
+    reference_logp = torch.empty(0) if reference is None else reference.logp
+    reference_tokens = torch.empty(0, dtype=torch.long) if reference is None else reference.tokens
     results = []
     for case in cases:
         started = time.perf_counter()
@@ -324,6 +340,8 @@ def evaluate(
     if bar is not None:
         bar.close()
     torch._dynamo.reset()
+    if return_reference:
+        return results, Reference(reference_logp, reference_tokens)
     return results
 
 
@@ -464,6 +482,57 @@ def default_cases(
     return cases
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(dtype: str, threads: int, reference: Reference) -> None:
+    from .models import load_smollm2
+
+    torch.set_num_threads(max(1, threads))
+    _WORKER["model"] = load_smollm2(dtype=getattr(torch, dtype))[0]
+    _WORKER["reference"] = reference
+
+
+def _worker_case(name: str, paths: dict, ids: torch.Tensor, settings: dict) -> EvalResult:
+    """One configuration of ``default_cases`` (rebuilt here from the plan files: configs hold read-only
+    mappings that do not pickle), measured against the baseline's reference."""
+    cases = default_cases(paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"])
+    case = next(c for c in cases if c.name == name)
+    return evaluate(
+        _WORKER["model"], ids, [case], progress=False, reference=_WORKER["reference"], **settings
+    )[0]
+
+
+def _evaluate_in_processes(names, paths, ids, reference, settings, args, log) -> list[EvalResult]:
+    """Measure the named cases in ``args.jobs`` spawned processes (each loads the model once, uses
+    ``args.threads`` threads); results in the order of ``names``, a progress bar over cases."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    init = (args.dtype, args.threads, reference)
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+        futures = {pool.submit(_worker_case, name, paths, ids, settings): name for name in names}
+        bar = None
+        if not args.no_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=len(names), unit="config", desc=f"mixkvq-eval ({args.jobs} processes)", file=sys.stderr
+            )
+        done = {}
+        for future in as_completed(futures):
+            result = future.result()
+            done[futures[future]] = result
+            log(f"{result.name}: {result.seconds:.0f} s")
+            log(format_row(result))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    return [done[name] for name in names]
+
+
 def _log(line: str, path: pathlib.Path) -> None:
     print(line, file=sys.stderr, flush=True)
     with open(path, "a", encoding="utf-8") as file:
@@ -482,7 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compiler", choices=COMPILERS, default="eager")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--only", nargs="*", help="run only the cases with these names (fp16 always)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: shared 2-core CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per process")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes measuring configurations in parallel after the 16-bit baseline (default: 2)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -515,18 +590,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = default_cases(paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"])
     if args.only:
         cases = [c for c in cases if c.config is None or c.name in args.only]
-    results = evaluate(
-        model,
-        ids,
-        cases,
+    settings = dict(
         chunk=args.chunk,
         new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens,
         score_from=args.score_from,
         compiler=args.compiler,
-        progress=not args.no_progress,
-        log=lambda line: _log(line, out / "log.txt"),
     )
+    log = lambda line: _log(line, out / "log.txt")  # noqa: E731
+    if args.jobs <= 1:
+        results = evaluate(model, ids, cases, progress=not args.no_progress, log=log, **settings)
+    else:
+        baseline, reference = evaluate(
+            model, ids, cases[:1], progress=False, log=log, return_reference=True, **settings
+        )
+        rest = _evaluate_in_processes([c.name for c in cases[1:]], paths, ids, reference, settings, args, log)
+        results = baseline + rest
     elapsed = time.perf_counter() - started
     table = format_table(results)
     (out / "table.md").write_text(table + f"\n\nTotal time {elapsed:.0f} s.\n")

@@ -59,3 +59,19 @@ def test_bits_per_element_counts_scales_zeros_and_channel_order():
     assert nominal == 2.5 and meta == pytest.approx(((2 * 16 + 18 * 5 + 44 * 3) / 64 + 0.25 + 3) / 2)
     plan = MixKVQConfig(key_bits_budget=3.0, layer_overrides={1: {"value_bits": 4}})
     assert bits_per_element(plan, config)[0] == pytest.approx((2.5 + 3.5) / 2)
+
+
+def test_a_case_measured_against_a_handed_over_reference_equals_the_sequential_run():
+    """The parallel table (``mixkvq-eval --jobs``) measures each case in another process against the
+    baseline's ``Reference``: the numbers equal those of one sequential call."""
+    model = tiny_llama(4, 2, 64, layers=1)
+    config = dataclasses.replace(PRESETS["kivi2"], residual_length=32)
+    cases = [EvalCase("fp16", "fp16", None), EvalCase("kivi2", "kivi", config)]
+    _, sequential = evaluate(model, IDS, cases, **SETTINGS)
+    (baseline,), reference = evaluate(model, IDS, cases[:1], return_reference=True, **SETTINGS)
+    (handed,) = evaluate(model, IDS, cases[1:], reference=reference, **SETTINGS)
+    assert reference.logp.shape == (IDS.numel() - 1 - SETTINGS["score_from"], 256)
+    assert reference.tokens.shape == (SETTINGS["new_tokens"],)
+    fields = ("perplexity", "kl", "top1_agreement", "greedy_agreement", "greedy_prefix", "bytes_per_token")
+    assert [getattr(handed, f) for f in fields] == [getattr(sequential, f) for f in fields]
+    assert sequential.kl > 0 and baseline.kl == 0.0
