@@ -8,15 +8,15 @@ config object.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .config import MixKVQConfig
-from .ops import is_device_step
+from .ops import is_device_step, kernels_disabled
 from .passes import PassManager
+from .passes.rewrite import fake_tensor
 
 log = logging.getLogger("mixkvq_compile")
 
@@ -68,7 +68,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     reason = cuda_graph_blocker(gm)
     if reason is not None:
         patches["triton.cudagraphs"] = False
-    elif config.cuda_graphs and any(_output(n).is_cuda for n in _attention_ops(gm)):
+    elif config.cuda_graphs and any(fake_tensor(n).is_cuda for n in _attention_ops(gm)):
         patches["triton.cudagraphs"] = True
         mark_static_inputs(gm)
     log.debug(
@@ -85,11 +85,6 @@ def _attention_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
-def _output(attention: torch.fx.Node):
-    """The fake output of a ``mixkvq::kv_attention`` node (its meta is the replaced SDPA's)."""
-    return attention.meta.get("example_value", attention.meta.get("val"))
-
-
 def cuda_graph_blocker(gm: torch.fx.GraphModule) -> str | None:
     """Why this rewritten graph must not be captured in a CUDA graph, or None if it may be.
 
@@ -100,10 +95,10 @@ def cuda_graph_blocker(gm: torch.fx.GraphModule) -> str | None:
         n.op == "call_function" and n.target is torch.ops.mixkvq.new_store.default for n in gm.graph.nodes
     ):
         return "it allocates the quantized store"
-    if os.environ.get("MIXKVQ_DISABLE_KERNELS"):
+    if kernels_disabled():
         return "MIXKVQ_DISABLE_KERNELS is set (the reference path reads positions on the host)"
     for node in _attention_ops(gm):
-        query_len = _output(node).shape[2]  # the output is [B, Hq, Lq, Dv]
+        query_len = fake_tensor(node).shape[2]  # the output (the replaced SDPA's) is [B, Hq, Lq, Dv]
         if not isinstance(query_len, int) or not is_device_step(query_len, node.args[9]):
             return "an attention has more than one query token (or a symbolic length)"
     return None

@@ -370,12 +370,12 @@ class _Scorer:
         self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, unit: str = "tok", desc: str = "mixkvq-eval"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", desc="mixkvq-eval", file=sys.stderr)
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -513,13 +513,9 @@ def _evaluate_in_processes(names, paths, ids, reference, settings, args, log) ->
     init = (args.dtype, args.threads, reference)
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker, initargs=init) as pool:
         futures = {pool.submit(_worker_case, name, paths, ids, settings): name for name in names}
-        bar = None
-        if not args.no_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=len(names), unit="config", desc=f"mixkvq-eval ({args.jobs} processes)", file=sys.stderr
-            )
+        bar = _progress_bar(
+            len(names), not args.no_progress, "config", f"mixkvq-eval ({args.jobs} processes)"
+        )
         done = {}
         for future in as_completed(futures):
             result = future.result()

@@ -81,7 +81,7 @@ def kv_attention(
     lay = StoreLayout.from_key(layout)
     _check_shapes(lay, query, key, value)
     store = KVStore.open(lay, key_handle, value_handle)
-    use_kernels = query.is_cuda and not os.environ.get("MIXKVQ_DISABLE_KERNELS")
+    use_kernels = query.is_cuda and not kernels_disabled()
     if use_kernels and is_device_step(query.shape[2], kv_limit):
         return decode_step(query, key, value, positions, store, attn_mask, scale, is_causal)
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -112,6 +112,11 @@ def kv_attention(
     else:
         store.append(key, value, start)
     return out
+
+
+def kernels_disabled() -> bool:
+    """True when ``MIXKVQ_DISABLE_KERNELS`` forces the reference path on CUDA (diagnostics)."""
+    return bool(os.environ.get("MIXKVQ_DISABLE_KERNELS"))
 
 
 def is_device_step(query_len: int, kv_limit: int) -> bool:

@@ -191,6 +191,14 @@ def test_decode_rejects_bad_inputs():
         )
 
 
+def _packed_groups_equal(a: KVStore, b: KVStore, count: int) -> None:
+    """The first ``count`` packed groups of two mix-layout stores are identical, byte for byte."""
+    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
+        assert torch.equal(a.keys[name][:, :, :count], b.keys[name][:, :, :count]), name
+    for name in ("codes", "qparams"):
+        assert torch.equal(a.values[name][:, :, :count], b.values[name][:, :, :count]), name
+
+
 def _stores_equal(a: KVStore, b: KVStore, length: int) -> None:
     for side_a, side_b in ((a.keys, b.keys), (a.values, b.values)):
         for name in side_a:
@@ -247,10 +255,7 @@ def test_store_groups_bulk_with_explicit_order():
     order = a._choose_key_order(kk)
     a._store_groups(0, k[:, :, 8 : 8 + count * 32], v[:, :, 8 : 8 + count * 32])
     qkern.store_groups(b, 0, k, v, count=count, order=order.to(torch.int32), offset=8)
-    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
-        assert torch.equal(a.keys[name][:, :, :count], b.keys[name][:, :, :count]), name
-    for name in ("codes", "qparams"):
-        assert torch.equal(a.values[name][:, :, :count], b.values[name][:, :, :count]), name
+    _packed_groups_equal(a, b, count)
 
 
 def test_quantize_rounding_edge_cases():
@@ -291,10 +296,7 @@ def test_bulk_flush_ranks_channels_in_kernel(name):
             st.keys["query_count"].fill_(3.0)
     a._store_groups(0, k[:, :, 8 : 8 + 5 * 32], v[:, :, 8 : 8 + 5 * 32])
     qkern.store_groups(b, 0, k, v, count=5, offset=8)
-    for name_ in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
-        assert torch.equal(a.keys[name_][:, :, :5].cpu(), b.keys[name_][:, :, :5].cpu()), name_
-    for name_ in ("codes", "qparams"):
-        assert torch.equal(a.values[name_][:, :, :5].cpu(), b.values[name_][:, :, :5].cpu()), name_
+    _packed_groups_equal(a, b, 5)
 
 
 @pytest.mark.parametrize(
@@ -398,7 +400,4 @@ def test_append_gpu_prompt_bit_exact():
     a.append(k, v, 0)
     qkern.append(b, k, v, 0)
     groups = lay.flushed_groups(3000)
-    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
-        assert torch.equal(a.keys[name][:, :, :groups], b.keys[name][:, :, :groups]), name
-    assert torch.equal(a.values["codes"][:, :, :groups], b.values["codes"][:, :, :groups])
-    assert torch.equal(a.values["qparams"][:, :, :groups], b.values["qparams"][:, :, :groups])
+    _packed_groups_equal(a, b, groups)

@@ -177,10 +177,8 @@ class PassManager:
 def _is_store_handle(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "placeholder":
         return False
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return (
-        isinstance(value, torch.Tensor) and value.dim() == 4 and value.numel() > 0 and not any(value.stride())
-    )
+    value = rewrite.fake_tensor(node)
+    return value is not None and value.dim() == 4 and value.numel() > 0 and not any(value.stride())
 
 
 def _insert_cache_check(graph: fx.Graph, site: sites.AttentionSite) -> None:

@@ -34,9 +34,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def check_site(site: AttentionSite, config: MixKVQConfig | None = None) -> str | None:
     """Why ``site`` cannot be rewritten (under ``config``, the layer's config), or None."""
-    key_meta, value_meta = _meta(site.key_buffer), _meta(site.value_buffer)
-    query_meta = _meta(site.query if site.query is not None else sdpa_args(site.sdpa)["query"])
-    new_meta = _meta(site.new_key)
+    key_meta, value_meta = fake_tensor(site.key_buffer), fake_tensor(site.value_buffer)
+    query_meta = fake_tensor(site.query if site.query is not None else sdpa_args(site.sdpa)["query"])
+    new_meta = fake_tensor(site.new_key)
     if key_meta is None or value_meta is None or query_meta is None:
         return "no shape metadata on the cache buffers or the query"
     if key_meta.dim() != 4 or value_meta.dim() != 4:
@@ -78,7 +78,7 @@ def check_site(site: AttentionSite, config: MixKVQConfig | None = None) -> str |
 
 
 def layout_for(site: AttentionSite, config: MixKVQConfig) -> StoreLayout:
-    key_meta, value_meta = _meta(site.key_buffer), _meta(site.value_buffer)
+    key_meta, value_meta = fake_tensor(site.key_buffer), fake_tensor(site.value_buffer)
     batch, heads, capacity, head_dim = key_meta.shape
     return StoreLayout.create(
         config,
@@ -96,7 +96,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
     key_handle, value_handle = site.key_buffer, site.value_buffer
     if site.allocates:
         first = min((site.key_buffer, site.value_buffer), key=_position(graph))
-        device = site.key_buffer.kwargs.get("device") or _meta(site.key_buffer).device
+        device = site.key_buffer.kwargs.get("device") or fake_tensor(site.key_buffer).device
         with graph.inserting_before(first):
             handles = graph.call_function(torch.ops.mixkvq.new_store.default, (layout.to_key(), device))
             key_handle = graph.call_function(operator.getitem, (handles, 0))
@@ -104,7 +104,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
         for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
             new.meta.update(old.meta)
     query = site.query
-    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(_meta(query).shape[-1])
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(fake_tensor(query).shape[-1])
     with graph.inserting_before(site.sdpa):
         attention = graph.call_function(
             torch.ops.mixkvq.kv_attention.default,
@@ -135,7 +135,8 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
             graph.erase_node(old)
 
 
-def _meta(node):
+def fake_tensor(node):
+    """The fake tensor a graph node produces (Dynamo's ``example_value`` or ``val``), or None."""
     if not isinstance(node, fx.Node):
         return None
     value = node.meta.get("example_value", node.meta.get("val"))
