@@ -22,6 +22,7 @@ from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
+from mixkvq_compile.kernels._runtime import tl, unpack_codes  # noqa: E402
 from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -44,6 +45,8 @@ CONFIGS = {
         key_tier_fractions=(0.0, 0.0), key_tiering=KeyTiering.UNIFORM, value_bits=16
     ),
     "difficulty": dataclasses.replace(MIX, key_tiering=KeyTiering.DIFFICULTY),
+    # Small 2-bit and 4-bit tiers (16-channel tiles): the tile shape where a joined 4-bit unpack broke.
+    "mix_small_tiers": MixKVQConfig(key_tier_fractions=(0.5, 0.25), key_bits=(16, 4, 2), value_bits=2),
 }
 
 
@@ -106,6 +109,34 @@ def _run(query, store, length, mask=None, causal=True, new=None, **kw):
     return out, _reference(query, store, int(length), mask, scale, causal, new)
 
 
+@triton.jit
+def _unpack_kernel(
+    src, dst, ROWS: tl.constexpr, NBYTES: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr
+):
+    r = tl.arange(0, ROWS)[:, None]
+    byt = tl.load(src + r * NBYTES + tl.arange(0, NBYTES)[None, :])
+    codes = unpack_codes(byt, ROWS, NBYTES, BITS, dtype)
+    N: tl.constexpr = NBYTES * 8 // BITS
+    tl.store(dst + r * N + tl.arange(0, N)[None, :], codes.to(tl.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("rows,nbytes", [(16, 16), (32, 16), (64, 8), (16, 8), (128, 8), (32, 32), (16, 4)])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_unpack_codes_matches_reference(bits, rows, nbytes, dtype):
+    """The kernels' unpack gives ``reference.unpack``'s codes in float32 and float16 (magic exponents)
+    for the tile shapes the decode kernel uses, at 1, 2 and 4 warps (layouts differ)."""
+    if not CUDA and (dtype != "float32" or rows * nbytes > 256):
+        pytest.skip("the interpreter runs the float32 path; one small shape per width is enough there")
+    gen = torch.Generator(device="cpu").manual_seed(rows * nbytes + bits)
+    packed = torch.randint(0, 256, (rows, nbytes), generator=gen, dtype=torch.uint8).to(DEVICE)
+    expected = reference.unpack(packed, bits).float()
+    for warps in (1, 2, 4) if CUDA else (1,):
+        out = torch.full((rows, nbytes * 8 // bits), float("nan"), device=DEVICE)
+        _unpack_kernel[(1,)](packed, out, rows, nbytes, bits, getattr(tl, dtype), num_warps=warps)
+        assert torch.equal(out, expected), (bits, rows, nbytes, dtype, warps)
+
+
 @pytest.mark.parametrize(
     "name,dtype",
     [
@@ -115,6 +146,7 @@ def _run(query, store, length, mask=None, causal=True, new=None, **kw):
         ("kivi4", torch.float32),
         ("passthrough", torch.bfloat16),
         ("mix_uniform_keys_v16", torch.float16),
+        ("mix_small_tiers", torch.float16),
     ],
 )
 def test_decode_matches_reference(name, dtype):
