@@ -11,7 +11,8 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   SDPA with ``enable_gqa=True`` over the static buffer (no ``repeat_kv`` copies);
 - ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor; the one-token decode graphs
   in CUDA graphs, the backend's default); ``kivi2-launch`` / ``mixkvq-launch``: the same with
-  ``cuda_graphs=False`` (every kernel launched from Python).
+  ``cuda_graphs=False`` (every kernel launched from Python); ``kivi2-eager`` / ``mixkvq-eager``: the
+  same with ``prefill_compiler="eager"`` (prompt graphs run as traced, not compiled by Inductor).
 With ``--prefill-chunk N`` the prompt (all but its last token) is written to the StaticCache N tokens per
 forward before generate() continues from it; the prefill time then covers those forwards.
 Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so
@@ -148,6 +149,8 @@ def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth
         options = {"preset": preset}
         if variant == "launch":  # the same kernels launched one by one (no CUDA graph)
             options["cuda_graphs"] = False
+        elif variant == "eager":  # prompt graphs not compiled by Inductor
+            options["prefill_compiler"] = "eager"
         elif variant:
             raise ValueError(f"unknown method {method!r}")
         model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)

@@ -1,4 +1,5 @@
-"""The ``mixkvq`` torch.compile backend: run the passes, hand the graph to Inductor.
+"""The ``mixkvq`` torch.compile backend: run the passes, hand the graph to Inductor (or, for prompt
+graphs where ``MixKVQConfig.prefill_compiler`` says so, run it as traced).
 
 ``torch.compile(fn, backend="mixkvq", options={...})`` resolves ``mixkvq_backend`` through the
 ``torch_dynamo_backends`` entry point; ``backend(MixKVQConfig(...))`` builds the same backend from a
@@ -64,6 +65,9 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     from torch._inductor.compile_fx import compile_fx
 
     PassManager(config)(gm)
+    if runs_eager(gm, config):
+        log.debug("mixkvq: prompt graph of %d nodes runs as traced (prefill_compiler)", len(gm.graph.nodes))
+        return gm.forward
     patches = dict(list_mode_options(mode)) if mode else {}
     reason = cuda_graph_blocker(gm)
     if reason is not None:
@@ -80,6 +84,34 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def runs_eager(gm: torch.fx.GraphModule, config: MixKVQConfig) -> bool:
+    """Whether ``config.prefill_compiler`` sends this rewritten graph to eager execution: a graph with
+    a mixkvq attention that allocates the store or attends with more than one query token, under
+    ``"eager"``, or under ``"auto"`` on CPU."""
+    attention = _attention_ops(gm)
+    if config.prefill_compiler == "inductor" or not attention or not _is_prompt_graph(gm):
+        return False
+    return config.prefill_compiler == "eager" or not any(fake_tensor(n).is_cuda for n in attention)
+
+
+def _is_prompt_graph(gm: torch.fx.GraphModule) -> bool:
+    return _allocates_store(gm) or _has_multi_token_attention(gm)
+
+
+def _allocates_store(gm: torch.fx.GraphModule) -> bool:
+    target = torch.ops.mixkvq.new_store.default
+    return any(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def _has_multi_token_attention(gm: torch.fx.GraphModule) -> bool:
+    """An attention with more than one query token (or a symbolic count): not a one-token decode step."""
+    for node in _attention_ops(gm):
+        query_len = fake_tensor(node).shape[2]  # the output (the replaced SDPA's) is [B, Hq, Lq, Dv]
+        if not isinstance(query_len, int) or not is_device_step(query_len, node.args[9]):
+            return True
+    return False
+
+
 def _attention_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     target = torch.ops.mixkvq.kv_attention.default
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
@@ -91,16 +123,12 @@ def cuda_graph_blocker(gm: torch.fx.GraphModule) -> str | None:
     A graph that allocates a store (the prefill) must run outside the graph pool, and an attention
     with more than one query token reads the cache positions on the host (see ``ops.kv_attention``).
     """
-    if any(
-        n.op == "call_function" and n.target is torch.ops.mixkvq.new_store.default for n in gm.graph.nodes
-    ):
+    if _allocates_store(gm):
         return "it allocates the quantized store"
     if kernels_disabled():
         return "MIXKVQ_DISABLE_KERNELS is set (the reference path reads positions on the host)"
-    for node in _attention_ops(gm):
-        query_len = fake_tensor(node).shape[2]  # the output (the replaced SDPA's) is [B, Hq, Lq, Dv]
-        if not isinstance(query_len, int) or not is_device_step(query_len, node.args[9]):
-            return "an attention has more than one query token (or a symbolic length)"
+    if _has_multi_token_attention(gm):
+        return "an attention has more than one query token (or a symbolic length)"
     return None
 
 

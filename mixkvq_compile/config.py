@@ -23,6 +23,7 @@ from typing import Any
 
 KEY_TIER_BITS_ALLOWED = (2, 4, 16)
 VALUE_BITS_ALLOWED = (2, 4, 16)
+PREFILL_COMPILERS = ("auto", "inductor", "eager")
 GROUP_SIZES_ALLOWED = (8, 16, 32, 64, 128)
 LAYER_OVERRIDE_FIELDS = (
     "key_bits",
@@ -113,6 +114,11 @@ class MixKVQConfig:
             as ``mode="reduce-overhead"`` does), so a decode step is a graph replay instead of a few
             hundred kernel launches. Graphs that allocate the store (the prefill) or attend with more
             than one query token are never captured. No effect on CPU.
+        prefill_compiler: what runs the graphs with a multi-token attention or a store allocation
+            (prompt chunks, the first call): ``"inductor"``; ``"eager"``, the rewritten graph as
+            traced, op by op (no Inductor compile: a prompt graph runs once per ``generate``, and on
+            CPU compiling it took longer than running it, 39 of the quickstart's 113 s); ``"auto"``
+            (default): eager on CPU, Inductor on CUDA. One-token decode graphs always use Inductor.
     """
 
     key_bits: tuple[int, int, int] = (16, 4, 2)
@@ -128,10 +134,15 @@ class MixKVQConfig:
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     layer_plan: str | None = None
     cuda_graphs: bool = True
+    prefill_compiler: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs={self.cuda_graphs!r}: expected True or False")
+        if self.prefill_compiler not in PREFILL_COMPILERS:
+            raise ValueError(
+                f"prefill_compiler={self.prefill_compiler!r}: allowed values are {list(PREFILL_COMPILERS)}"
+            )
         _set(self, "key_bits", tuple(self.key_bits))
         _set(self, "key_tier_fractions", tuple(float(f) for f in self.key_tier_fractions))
         _set(self, "key_tiering", _enum(KeyTiering, self.key_tiering, "key_tiering"))

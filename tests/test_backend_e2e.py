@@ -21,13 +21,15 @@ def compile_and_generate(model, options, ids, mask, fullgraph=False):
     return eager_forward, sequences, logits
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_passthrough_generates_exactly_the_eager_tokens(name):
+@pytest.mark.parametrize(("name", "prefill_compiler"), [("mha-d64", "inductor"), ("gqa-d128", "auto")])
+def test_passthrough_generates_exactly_the_eager_tokens(name, prefill_compiler):
     model = tiny_llama(*CONFIGS[name])
     ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
     eager_tokens, _ = generate(model, ids, mask, NEW)
-    # fullgraph=True: the custom ops and their fake implementations compile without graph breaks.
-    _, tokens, _ = compile_and_generate(model, {"preset": "passthrough"}, ids, mask, fullgraph=True)
+    # fullgraph=True: the custom ops and their fake implementations compile without graph breaks
+    # (with "inductor" the prefill graph goes through Inductor too; "auto" runs it as traced on CPU).
+    options = {"preset": "passthrough", "prefill_compiler": prefill_compiler}
+    _, tokens, _ = compile_and_generate(model, options, ids, mask, fullgraph=True)
     assert torch.equal(tokens, eager_tokens)
     layers = model.config.num_hidden_layers
     counters = mixkvq_compile.counters
@@ -102,7 +104,8 @@ def test_only_one_token_decode_graphs_may_use_cuda_graphs(monkeypatch):
     monkeypatch.setattr(inductor, "compile_fx", recording)
     model = tiny_llama(4, 2, 64, layers=1)
     ids, mask = left_padded_batch(model.config.vocab_size, 1, 40, pads=[0])
-    model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": "kivi2"})
+    options = {"preset": "kivi2", "prefill_compiler": "inductor"}
+    model.forward = torch.compile(model.forward, backend="mixkvq", options=options)
     generate(model, ids, mask, 3)
     blockers = [reason for reason, _ in seen.values()]
     assert blockers == ["it allocates the quantized store", None], blockers
@@ -113,3 +116,33 @@ def test_only_one_token_decode_graphs_may_use_cuda_graphs(monkeypatch):
         "l_kwargs_cache_layers_0_keys",
         "l_kwargs_cache_layers_0_values",
     }, static
+
+
+@pytest.mark.parametrize(
+    ("prefill_compiler", "inductor_graphs"),
+    [("auto", ["decode"]), ("eager", ["decode"]), ("inductor", ["prompt", "decode"])],
+)
+def test_prefill_compiler_chooses_what_inductor_compiles(monkeypatch, prefill_compiler, inductor_graphs):
+    """Prompt graphs (store allocation, several query tokens) skip Inductor under "eager" and, on CPU,
+    under "auto"; one-token decode graphs are always compiled. The tokens are the same either way."""
+    import torch._inductor.compile_fx as inductor
+
+    from mixkvq_compile.backend import cuda_graph_blocker
+
+    compiled = {}  # compile_fx calls itself again after applying patches: one entry per graph
+    original = inductor.compile_fx
+
+    def recording(gm, example_inputs, **kwargs):
+        compiled.setdefault(id(gm), "decode" if cuda_graph_blocker(gm) is None else "prompt")
+        return original(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording)
+    model = tiny_llama(4, 2, 64, layers=1)
+    ids, mask = left_padded_batch(model.config.vocab_size, 2, 40, pads=[5, 0])
+    eager_tokens, _ = generate(model, ids, mask, 6)
+    options = {"preset": "passthrough", "prefill_compiler": prefill_compiler}
+    model.forward = torch.compile(model.forward, backend="mixkvq", options=options)
+    tokens, _ = generate(model, ids, mask, 6)
+    assert list(compiled.values()) == inductor_graphs
+    assert torch.equal(tokens, eager_tokens)
+    assert mixkvq_compile.counters["attention_rewritten"] == 2

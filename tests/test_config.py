@@ -36,6 +36,7 @@ def test_presets_are_distinct_and_named():
         ({"layer_overrides": {0: {"value_bits": 5}}}, ["layer_overrides[0]", "value_bits"]),
         ({"layer_overrides": {0: {"colour": 1}}}, ["unknown field", "colour"]),
         ({"layer_overrides": {-1: {"value_bits": 4}}}, ["layer index"]),
+        ({"prefill_compiler": "jit"}, ["prefill_compiler", "'auto', 'inductor', 'eager'"]),
     ],
 )
 def test_bad_fields_name_the_option_and_allowed_values(fields, names):

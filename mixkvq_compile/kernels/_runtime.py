@@ -14,6 +14,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 __all__ = [
+    "check_kernel_device",
     "interpreting",
     "layout_constexprs",
     "next_pow2",
@@ -28,6 +29,12 @@ __all__ = [
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def check_kernel_device(device: torch.device, caller: str) -> None:
+    """``ValueError`` unless Triton can run on ``device`` (CUDA, or any device under the interpreter)."""
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{caller}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
 
 
 def next_pow2(n: int) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from ..store import KVStore
 from ._runtime import (
+    check_kernel_device,
     interpreting,
     layout_constexprs,
     next_pow2,
@@ -680,8 +681,7 @@ def decode_attention(
     device = query.device
     if store.keys["ring"].device != device:
         raise ValueError(f"decode_attention: store on {store.keys['ring'].device}, query on {device}")
-    if device.type != "cuda" and not interpreting():
-        raise ValueError("decode_attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    check_kernel_device(device, "decode_attention")
     length_ptr, length_val, from_ptr = _length_arg(length, device)
     has_new = new_key is not None
     if has_new != (new_value is not None):

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from ..store import KVStore
-from ._runtime import interpreting, layout_constexprs, next_pow2, store_arguments, tl, triton
+from ._runtime import (
+    check_kernel_device,
+    layout_constexprs,
+    next_pow2,
+    store_arguments,
+    tl,
+    triton,
+)
 
 __all__ = ["append", "append_token", "store_groups", "write_tokens"]
 
@@ -354,8 +361,7 @@ def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
     for t in tensors:
         if t.device != device:
             raise ValueError(f"mixkvq kernels: tensor on {t.device}, store on {device}")
-    if device.type != "cuda" and not interpreting():
-        raise ValueError("mixkvq kernels: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    check_kernel_device(device, "mixkvq kernels")
     return device
 
 

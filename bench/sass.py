@@ -1,0 +1,141 @@
+"""Instruction counts of the decode kernel's packed-group loop, compiled for a GPU on a machine without one.
+
+    python3 bench/sass.py                         # kivi2 and mixkvq, float16, default warps, sm_90
+    python3 bench/sass.py --configs mixkvq --warps 2,4 --dtype bfloat16
+
+Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel; a stand-in driver
+answers the only question the compiler asks (the target). The kernel is compiled exactly as
+``decode_attention`` would launch it on a GPU (same constexprs, 16-byte alignment of every pointer),
+for 32 query heads over 8 KV heads, head_dim 128, groups of 32. For each configuration it prints
+the SASS instructions of the largest loop (one packed group per iteration), per warp and summed
+over the warps, and the most frequent opcodes: a cheap check of a kernel change before spending GPU
+time (fewer shared-memory round trips, fewer conversions). Counts are static, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even where none is present
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+import mixkvq_compile.kernels.decode_attention as decode  # noqa: E402
+from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
+from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
+
+CONFIGS = {
+    "kivi2": PRESETS["kivi2"],
+    "mixkvq": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
+}
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+class TargetOnlyDriver:
+    """The part of a Triton driver that compilation needs: the target, a device and a stream id."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
+    """The compiled split kernel (packed-group part) of a decode step, as ``decode_attention`` launches it."""
+    compiled = {}
+    run = triton_jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if self.fn.__name__ == "_attn_split_kernel" and not kwargs.get("FP_PART"):
+            compiled["kernel"] = kernel
+        return kernel
+
+    layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
+    store = KVStore.open(layout, *allocate(layout, "cpu"))
+    query = torch.zeros(1, 32, 1, 128, dtype=dtype)
+    triton_jit.JITFunction.run = compile_only
+    decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
+    try:  # CPU tensors stand in for CUDA ones: nothing is launched
+        decode.decode_attention(query, store, 1000, num_splits=4, num_warps=warps)
+    finally:
+        triton_jit.JITFunction.run = run
+        decode.check_kernel_device = check
+    return compiled["kernel"]
+
+
+def disassemble(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run(
+            [os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def largest_loop(sass: str) -> collections.Counter:
+    """Opcode counts between a label and the furthest backward branch to it."""
+    lines = sass.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if re.match(r"\s*\.L\w+:$", line)}
+    best = (0, -1)
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`\((\.L\w+)\)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    counts = collections.Counter()
+    for line in lines[best[0] : best[1] + 1]:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", default="kivi2,mixkvq")
+    parser.add_argument("--warps", default="default", help="comma-separated warp counts, or 'default'")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
+    args = parser.parse_args()
+    driver.set_active(TargetOnlyDriver(args.arch))
+    warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per packed group")
+    print(f"{'config':>8} {'warps':>5} {'per warp':>8} {'all warps':>9}  top opcodes")
+    for name in args.configs.split(","):
+        for w in warps:
+            kernel = compile_packed_loop(CONFIGS[name], getattr(torch, args.dtype), w)
+            loop = largest_loop(disassemble(kernel))
+            per_warp = sum(loop.values())
+            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(8))
+            nw = kernel.metadata.num_warps
+            print(f"{name:>8} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
+
+
+if __name__ == "__main__":
+    main()
