@@ -117,7 +117,7 @@ class MixKVQConfig:
         prefill_compiler: what runs the graphs with a multi-token attention or a store allocation
             (prompt chunks, the first call): ``"inductor"``; ``"eager"``, the rewritten graph as
             traced, op by op (no Inductor compile: a prompt graph runs once per ``generate``, and on
-            CPU compiling it took longer than running it, 39 of the quickstart's 113 s); ``"auto"``
+            CPU compiling it took longer than running it: 39 s of the cold quickstart's 148 s); ``"auto"``
             (default): eager on CPU, Inductor on CUDA. One-token decode graphs always use Inductor.
     """
 
