@@ -2,6 +2,7 @@
 
     python3 bench/kernels.py            # all shapes; writes $OUT/kernels.json when $OUT is set
     python3 bench/kernels.py 8x32768,1x131072   # only these batch x context shapes
+    MIXKVQ_BENCH_DTYPE=bfloat16 python3 bench/kernels.py 8x32768   # bfloat16 queries and stores
 
 For each batch x context and each quantization setting: the fused Triton decode kernel, cuDNN SDPA fp16,
 flash SDPA fp16 (both on full-precision K/V of the same size, the query heads of a KV head folded into
@@ -36,7 +37,7 @@ from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
 SHAPES = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (32, 8192)]
 HQ, HKV, D = 32, 8, 128
-DTYPE = torch.float16
+DTYPE = getattr(torch, os.environ.get("MIXKVQ_BENCH_DTYPE", "float16"))
 CONFIGS = {
     "kivi2": PRESETS["kivi2"],
     "mixkvq": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
@@ -118,7 +119,10 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    print(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; date 2026-11-26")
+    print(
+        f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; {DTYPE}; "
+        f"date {time.strftime('%Y-%m-%d')}"
+    )
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     print("stores filled with random codes/qparams/orders written directly into the views (not quantized)")
     results, table = [], []
@@ -264,7 +268,7 @@ def main() -> None:
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-            json.dump(dict(device=dev, bw=bw, rows=results, prompt=prompt), f, indent=1)
+            json.dump(dict(device=dev, dtype=str(DTYPE), bw=bw, rows=results, prompt=prompt), f, indent=1)
     print(f"\n{dev}, 2026-11-26, fp16, Hq={HQ}, Hkv={HKV}, D={D}; copy bw {bw / 1e9:.0f} GB/s")
     hdr = (
         "shape",
