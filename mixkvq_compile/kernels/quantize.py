@@ -58,12 +58,6 @@ def _quantize_pack(x, sc16, z16, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def _gate(cond, active):
-    """``cond & active`` for a scalar int32 ``active`` (0/1); the interpreter cannot ``&`` a scalar bool."""
-    return cond & ((cond.to(tl.int32) * 0 + active) > 0)
-
-
-@triton.jit
 def _store_key_tier(
     k_ptr,
     k_base,
@@ -76,7 +70,6 @@ def _store_key_tier(
     bh64,
     grp,
     kv_ptr,
-    active,
     C: tl.constexpr,
     CP: tl.constexpr,
     BITS: tl.constexpr,
@@ -89,10 +82,9 @@ def _store_key_tier(
     x = tl.load(k_ptr + k_base + tok[None, :] * skl + idx[:, None] * skd, mask=ch_ok[:, None], other=0.0)
     x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
     g = tl.arange(0, G)
-    ok = _gate(ch_ok, active)
     if BITS == 16:
         dst = data_ptr + bh64 * (NG * C * G) + (grp * C + ch[:, None]) * G + g[None, :]
-        tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ch_ok[:, None])
     else:
         NB: tl.constexpr = G * BITS // 8
         xmin = tl.min(x, axis=1)
@@ -100,10 +92,10 @@ def _store_key_tier(
         sc16, z16 = _qparams(xmin, xmax, BITS)
         packed = _quantize_pack(x, sc16, z16, CP, G, BITS)
         dst = data_ptr + bh64 * (NG * C * NB) + (grp * C + ch[:, None]) * NB + tl.arange(0, NB)[None, :]
-        tl.store(dst, packed, mask=ok[:, None])
+        tl.store(dst, packed, mask=ch_ok[:, None])
         qp = qp_ptr + bh64 * (NG * C * 2) + (grp * C + ch) * 2
-        tl.store(qp, sc16, mask=ok)
-        tl.store(qp + 1, z16, mask=ok)
+        tl.store(qp, sc16, mask=ch_ok)
+        tl.store(qp + 1, z16, mask=ch_ok)
 
 
 @triton.jit
@@ -259,16 +251,10 @@ def _store_groups_kernel(
             position = _rank_channels(
                 k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
             )
-            tl.store(
-                order_out_ptr + bh64 * (NG * D) + grp * D + position,
-                dd.to(tl.uint8),
-                mask=_gate(dd < D, active),
-            )
+            tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + position, dd.to(tl.uint8))
         elif MIXED:
             o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
-            tl.store(
-                order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8), mask=_gate(dd < D, active)
-            )
+            tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
         if C0 > 0:
             idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
             _store_key_tier(
@@ -283,7 +269,6 @@ def _store_groups_kernel(
                 bh64,
                 grp,
                 kv_ptr,
-                active,
                 C0,
                 CP0,
                 B0,
@@ -304,7 +289,6 @@ def _store_groups_kernel(
                 bh64,
                 grp,
                 kv_ptr,
-                active,
                 C1,
                 CP1,
                 B1,
@@ -325,7 +309,6 @@ def _store_groups_kernel(
                 bh64,
                 grp,
                 kv_ptr,
-                active,
                 C2,
                 CP2,
                 B2,
@@ -337,7 +320,7 @@ def _store_groups_kernel(
             c = tl.arange(0, DV)
             x = tl.load(v_ptr + v_base + tok[:, None] * svl + c[None, :].to(tl.int64) * svd)
             dst = vdata_ptr + bh64 * (NG * G * DV) + (grp * G + g[:, None]) * DV + c[None, :]
-            tl.store(dst, x.to(vdata_ptr.dtype.element_ty), mask=_gate(g[:, None] < G, active))
+            tl.store(dst, x.to(vdata_ptr.dtype.element_ty))
         else:
             NVG: tl.constexpr = DV // VGS
             VGB: tl.constexpr = VGS * VB // 8
@@ -348,12 +331,11 @@ def _store_groups_kernel(
             x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
             sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
             packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
-            row_ok = _gate(rows < G * NVG, active)
             dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
-            tl.store(dst + tl.arange(0, VGB)[None, :], packed, mask=row_ok[:, None])
+            tl.store(dst + tl.arange(0, VGB)[None, :], packed)
             qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
-            tl.store(qp, sc16, mask=row_ok)
-            tl.store(qp + 1, z16, mask=row_ok)
+            tl.store(qp, sc16)
+            tl.store(qp + 1, z16)
 
 
 def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
