@@ -72,7 +72,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     reason = cuda_graph_blocker(gm)
     if reason is not None:
         patches["triton.cudagraphs"] = False
-    elif config.cuda_graphs and any(fake_tensor(n).is_cuda for n in _attention_ops(gm)):
+    elif config.cuda_graphs and _attends_on_cuda(gm):
         patches["triton.cudagraphs"] = True
         mark_static_inputs(gm)
     log.debug(
@@ -88,10 +88,13 @@ def runs_eager(gm: torch.fx.GraphModule, config: MixKVQConfig) -> bool:
     """Whether ``config.prefill_compiler`` sends this rewritten graph to eager execution: a graph with
     a mixkvq attention that allocates the store or attends with more than one query token, under
     ``"eager"``, or under ``"auto"`` on CPU."""
-    attention = _attention_ops(gm)
-    if config.prefill_compiler == "inductor" or not attention or not _is_prompt_graph(gm):
+    if config.prefill_compiler == "inductor" or not _attention_ops(gm) or not _is_prompt_graph(gm):
         return False
-    return config.prefill_compiler == "eager" or not any(fake_tensor(n).is_cuda for n in attention)
+    return config.prefill_compiler == "eager" or not _attends_on_cuda(gm)
+
+
+def _attends_on_cuda(gm: torch.fx.GraphModule) -> bool:
+    return any(fake_tensor(n).is_cuda for n in _attention_ops(gm))
 
 
 def _is_prompt_graph(gm: torch.fx.GraphModule) -> bool:
