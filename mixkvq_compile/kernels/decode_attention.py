@@ -815,7 +815,7 @@ def decode_attention(
         PREC=prec,
         UPCAST=interpreting(),
         GATHER=gather,
-        # Dequantize in the query's 16-bit type (paired HFMA2) when the store has the same type.
+        # float16 query and store: dequantize in float16 (paired HFMA2); otherwise float32.
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
     if num_splits:
