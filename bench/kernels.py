@@ -161,10 +161,11 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 print(f"{batch}x{ctx} {cname}: skipped (store does not fit)")
                 continue
-            out = decode_attention(q, store, ctx)
-            ours_eager = bench(lambda: decode_attention(q, store, ctx))  # noqa: B023
-            ours = bench_graph(lambda: decode_attention(q, store, ctx))  # noqa: B023
-            ours_gather = bench_graph(lambda: decode_attention(q, store, ctx, gather=True))  # noqa: B023
+            packed = store.layout.flushed_groups(ctx)  # passed, so that no call reads the header (a sync)
+            out = decode_attention(q, store, ctx, packed=packed)
+            ours_eager = bench(lambda: decode_attention(q, store, ctx, packed=packed))  # noqa: B023
+            ours = bench_graph(lambda: decode_attention(q, store, ctx, packed=packed))  # noqa: B023
+            ours_gather = bench_graph(lambda: decode_attention(q, store, ctx, gather=True, packed=packed))  # noqa: B023
             nbytes = bytes_read(store, ctx)
             try:
                 kd, vd = store.read(ctx)
@@ -184,8 +185,12 @@ def main() -> None:
                     for stages in (2, 3):
                         for gather in (False, True):
 
-                            def variant(w=warps, st=stages, g=gather, q=q, store=store, ctx=ctx):
-                                return decode_attention(q, store, ctx, num_warps=w, num_stages=st, gather=g)
+                            def variant(
+                                w=warps, st=stages, g=gather, q=q, store=store, ctx=ctx, packed=packed
+                            ):
+                                return decode_attention(
+                                    q, store, ctx, num_warps=w, num_stages=st, gather=g, packed=packed
+                                )
 
                             sweep[f"w{warps}_st{stages}_g{int(gather)}"] = bench_graph(variant)
             # One-token append: no flush, and a step that flushes a group.
@@ -195,14 +200,32 @@ def main() -> None:
             flush_at = next(
                 p for p in range(ctx, ctx + 64) if lay.flushed_groups(p + 1) > lay.flushed_groups(p)
             )
-            app = bench_graph(lambda: qkern.append(store, tk, tv, ctx, length=ctx))  # noqa: B023
-            app_flush = bench_graph(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
-            app_flush_eager = bench(lambda: qkern.append(store, tk, tv, flush_at, length=flush_at))  # noqa: B023
-            # The decode step's device-side append (position in a tensor, predicated flush).
+            before_flush = lay.flushed_groups(flush_at)
+            app = bench_graph(lambda: qkern.append(store, tk, tv, ctx, length=ctx, packed=packed))  # noqa: B023
+            app_flush = bench_graph(
+                lambda: qkern.append(store, tk, tv, flush_at, length=flush_at, packed=before_flush)  # noqa: B023
+            )
+            app_flush_eager = bench(
+                lambda: qkern.append(store, tk, tv, flush_at, length=flush_at, packed=before_flush)  # noqa: B023
+            )
+            # The decode step's device-side append (position in a tensor, predicated flush). A flush
+            # advances the headers' packed-group count, so each replay first restores the headers as
+            # they were before the flushing step (two 64-byte copies, timed alone and subtracted).
             pos = torch.tensor([ctx], device="cuda")
             app_token = bench_graph(lambda: qkern.append_token(store, tk, tv, pos))  # noqa: B023
             pos_flush = torch.tensor([flush_at], device="cuda")
-            app_token_flush = bench_graph(lambda: qkern.append_token(store, tk, tv, pos_flush))  # noqa: B023
+            store.set_length(flush_at)
+            saved = [store.keys["header"].clone(), store.values["header"].clone()]
+
+            def restore_headers(store=store, saved=saved):
+                store.keys["header"].copy_(saved[0])
+                store.values["header"].copy_(saved[1])
+
+            def token_flush(store=store, tk=tk, tv=tv, pos=pos_flush):
+                restore_headers()
+                qkern.append_token(store, tk, tv, pos)
+
+            app_token_flush = bench_graph(token_flush) - bench_graph(restore_headers)
 
             def torch_append(p=flush_at, store=store, tk=tk, tv=tv):
                 store.set_length(p)

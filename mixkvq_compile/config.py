@@ -32,6 +32,7 @@ LAYER_OVERRIDE_FIELDS = (
     "key_tier_fractions",
     "key_tiering",
     "residual_length",
+    "rpc_ratio",
     "value_bits",
 )
 PLAN_FORMAT = "mixkvq-layer-plan"
@@ -104,6 +105,13 @@ class MixKVQConfig:
         value_group_size: channels per value quantization group (values are quantized per token);
             must divide the model's head_dim.
         residual_length: recent tokens kept in full precision (R); a multiple of ``group_size``.
+        rpc_ratio: KVmix's recent pivotal context (RPC) ratio r in [0, 1), in steps of 0.001. After
+            every write the store keeps ``max(R, floor(r * F))`` of its F full-precision tokens (those
+            after the sinks and the packed groups) and packs the oldest whole groups of the rest, so
+            right after a prompt of P tokens about ``r * P`` stay in full precision and the window
+            shrinks back over the next decode steps (to below ``G / (1 - r)`` tokens with R = 0). 0 (the
+            default) is the fixed window: R to R + G - 1 tokens. The ring buffer is allocated for the
+            largest window, ``max(R, r * capacity) + G`` tokens, for the whole run.
         sink_tokens: first tokens of the sequence kept in full precision forever (0 = none).
         layer_overrides: ``{layer_index: {field: value}}`` for fields in ``LAYER_OVERRIDE_FIELDS``;
             layer_index counts attention sites in graph order (the model's layer order).
@@ -130,6 +138,7 @@ class MixKVQConfig:
     group_size: int = 32
     value_group_size: int = 32
     residual_length: int = 128
+    rpc_ratio: float = 0.0
     sink_tokens: int = 0
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     layer_plan: str | None = None
@@ -174,6 +183,14 @@ class MixKVQConfig:
                 f"residual_length={self.residual_length}: must be a multiple of group_size="
                 f"{self.group_size} (tokens leave the window one group at a time)"
             )
+        ratio = self.rpc_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"rpc_ratio={ratio!r}: expected a ratio in [0, 1) (0 = fixed residual window)")
+        if abs(ratio * 1000 - round(ratio * 1000)) > 1e-9:
+            raise ValueError(
+                f"rpc_ratio={ratio!r}: expected a multiple of 0.001 (the store keeps it in permille)"
+            )
+        _set(self, "rpc_ratio", float(ratio))
         self._check_budget_and_thresholds()
         overrides = self.layer_overrides
         if self.layer_plan is not None:
@@ -232,6 +249,11 @@ class MixKVQConfig:
                 return self
             return dataclasses.replace(self, layer_overrides={}, layer_plan=None)
         return dataclasses.replace(self, layer_overrides={}, layer_plan=None, **overrides)
+
+    @property
+    def rpc_permille(self) -> int:
+        """``rpc_ratio`` in thousandths: the store's integer form, so host and kernels round alike."""
+        return round(self.rpc_ratio * 1000)
 
     def tier_channels(self, head_dim: int) -> tuple[int, int, int]:
         """Channels per key group in the (high, mid, low) tiers for a given head_dim.

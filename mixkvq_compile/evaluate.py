@@ -440,9 +440,11 @@ def default_cases(
     combined_plan: str | os.PathLike | None = None,
     thresholds: tuple[float, float] | None = None,
     thresholds_plan: str | os.PathLike | None = None,
+    kvmix_rpc_plan: str | os.PathLike | None = None,
 ) -> list[EvalCase]:
     """The issue's table: fp16, kivi2, kivi4, MixKVQ thresholds, budget and difficulty at ``BUDGETS``,
-    the KVmix plan, MixKVQ + KVmix; then MixKVQ at kivi2's bytes (budget 2.5 with R = 96: the bytes
+    the KVmix plan (with our 128-token window, and as KVmix runs it: its recent pivotal context and no
+    fixed window), MixKVQ + KVmix; then MixKVQ at kivi2's bytes (budget 2.5 with R = 96: the bytes
     of 32 fewer full-precision tokens pay for the higher tiers) with and without 4 sink tokens, and
     MixKVQ + KVmix with 4 sinks."""
     mixkvq = preset_config("mixkvq")
@@ -466,6 +468,11 @@ def default_cases(
     if kvmix_plan is not None:
         config = dataclasses.replace(preset_config("kivi2"), layer_plan=os.fspath(kvmix_plan))
         cases.append(EvalCase("kvmix plan", "kvmix", config))
+    if kvmix_rpc_plan is not None:
+        config = dataclasses.replace(
+            preset_config("kivi2"), residual_length=0, layer_plan=os.fspath(kvmix_rpc_plan)
+        )
+        cases.append(EvalCase("kvmix plan + rpc", "kvmix", config))
     combined = None
     if combined_plan is not None:
         combined = dataclasses.replace(mixkvq, layer_plan=os.fspath(combined_plan))
@@ -496,7 +503,9 @@ def _init_worker(dtype: str, threads: int, reference: Reference) -> None:
 def _worker_case(name: str, paths: dict, ids: torch.Tensor, settings: dict) -> EvalResult:
     """One configuration of ``default_cases`` (rebuilt here from the plan files: configs hold read-only
     mappings that do not pickle), measured against the baseline's reference."""
-    cases = default_cases(paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"])
+    cases = default_cases(
+        paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"], paths["kvmix_rpc"]
+    )
     case = next(c for c in cases if c.name == name)
     return evaluate(
         _WORKER["model"], ids, [case], progress=False, reference=_WORKER["reference"], **settings
@@ -575,6 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = {
         # KVmix: top 20% of layers by gradient norm get 4-bit keys (KVmix: 3-bit) / 4-bit values.
         "kvmix": kvmix_plan_from_scores(scores, key_bits=2.4, value_bits=2.4, key_levels=(4.0, 2.0)),
+        # The same plan with KVmix's recent pivotal context (paper: r = 0.2 high layers, 0.1 others).
+        "kvmix_rpc": kvmix_plan_from_scores(
+            scores, key_bits=2.4, value_bits=2.4, key_levels=(4.0, 2.0), rpc_levels=(0.2, 0.1)
+        ),
         # MixKVQ tiers inside every layer, a larger key budget in the high-scoring layers.
         "combined": kvmix_plan_from_scores(scores, key_bits=2.5, value_bits=2.4, key_levels=(3.0, 2.3)),
         # MixKVQ's absolute thresholds (R1-Qwen-32B's pair) -> per-layer tier sizes on this model.
@@ -583,7 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = {name: out / f"{name}_plan.json" for name in plans}
     for name, plan in plans.items():
         write_plan(plan, paths[name])
-    cases = default_cases(paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"])
+    cases = default_cases(
+        paths["kvmix"], paths["combined"], THRESHOLDS, paths["thresholds"], paths["kvmix_rpc"]
+    )
     if args.only:
         cases = [c for c in cases if c.config is None or c.name in args.only]
     settings = dict(

@@ -89,10 +89,12 @@ def kv_attention(
             "mixkvq: only one-token decode steps can be captured in a CUDA graph (this call has "
             f"{query.shape[2]} query tokens); compile with options={{'cuda_graphs': False}}"
         )
-    start, length = _host_positions(positions, store)
+    start, length, packed = _host_positions(positions, store)
     if start == 0:
         store.reset()
-        length = 0
+        length = packed = 0
+    # A rewind into the sinks repacks every group (``StoreLayout.plan_write``).
+    packed_before = 0 if start < store.layout.sink_tokens else packed
     end = start + query.shape[2]
     if end > lay.capacity:
         raise ValueError(
@@ -101,14 +103,18 @@ def kv_attention(
         )
     visible = end if kv_limit < 0 else min(end, kv_limit)
     if use_kernels and visible == end:
-        out = _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal)
+        out = _attend_with_kernels(
+            query, key, value, store, start, packed_before, attn_mask, scale, is_causal
+        )
     else:
-        out = _attend_with_reference(query, key, value, store, start, visible, attn_mask, scale, is_causal)
+        out = _attend_with_reference(
+            query, key, value, store, start, packed_before, visible, attn_mask, scale, is_causal
+        )
     store.accumulate_queries(query)
     if use_kernels:
         from .kernels.quantize import append
 
-        append(store, key, value, start, length=length)
+        append(store, key, value, start, length=length, packed=packed)
     else:
         store.append(key, value, start)
     return out
@@ -151,10 +157,10 @@ def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal
     return out
 
 
-def _attend_with_reference(query, key, value, store, start, visible, attn_mask, scale, is_causal):
+def _attend_with_reference(query, key, value, store, start, packed, visible, attn_mask, scale, is_causal):
     """CPU path (and GPU fallback): dequantize the stored tokens, then SDPA in the model dtype."""
     dtype = store.layout.dtype
-    past_key, past_value = store.read(start)
+    past_key, past_value = store.read(start, packed)
     keys = torch.cat([past_key, key.to(dtype)], dim=2)[:, :, :visible]
     values = torch.cat([past_value, value.to(dtype)], dim=2)[:, :, :visible]
     mask = None if attn_mask is None else attn_mask[..., :visible]
@@ -167,7 +173,7 @@ def _attend_with_reference(query, key, value, store, start, visible, attn_mask, 
 FUSED_MAX_QUERY = 16
 
 
-def _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_causal):
+def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, scale, is_causal):
     """CUDA path: up to ``FUSED_MAX_QUERY`` queries after a stored prefix, the fused Triton kernel reads
     the packed store once, plus the new tokens; a prompt (or a long chunk) runs cuDNN/flash SDPA over
     the new tokens, after the prefix dequantized once (``store.read``) when there is one."""
@@ -176,12 +182,20 @@ def _attend_with_kernels(query, key, value, store, start, attn_mask, scale, is_c
         from .kernels.decode_attention import decode_attention
 
         out = decode_attention(
-            query, store, start, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
+            query,
+            store,
+            start,
+            attn_mask,
+            scale,
+            new_key=key,
+            new_value=value,
+            causal=is_causal,
+            packed=packed,
         )
         return out.contiguous()
     dtype = store.layout.dtype
     if start:
-        past_key, past_value = store.read(start)
+        past_key, past_value = store.read(start, packed)
         key = torch.cat([past_key, key.to(dtype)], dim=2)
         value = torch.cat([past_value, value.to(dtype)], dim=2)
     total = start + lq
@@ -229,8 +243,8 @@ def _check_shapes(lay: StoreLayout, query: torch.Tensor, key: torch.Tensor, valu
         raise ValueError(f"mixkvq: queries {tuple(query.shape)} do not fit the cache store")
 
 
-def _host_positions(positions: torch.Tensor, store: KVStore) -> tuple[int, int]:
-    """(first position of a consecutive run, tokens in the store) with one device sync.
+def _host_positions(positions: torch.Tensor, store: KVStore) -> tuple[int, int, int]:
+    """(first position of a consecutive run, tokens in the store, packed groups) with one device sync.
 
     ``ValueError`` for positions that are not a non-empty consecutive 1-d run (checked fully on the
     CPU; by the end points on a GPU, where HF's ``cache_position`` is an ``arange``).
@@ -239,14 +253,14 @@ def _host_positions(positions: torch.Tensor, store: KVStore) -> tuple[int, int]:
         raise ValueError(
             f"mixkvq: cache positions must be a non-empty 1-d tensor, got {tuple(positions.shape)}"
         )
-    header = store.keys["header"][2:3].to(positions.device)
+    header = store.keys["header"][2:5:2].to(positions.device)  # tokens, packed groups
     if positions.is_cuda:
-        first, last, length = torch.cat([positions[:1], positions[-1:], header]).tolist()
+        first, last, length, packed = torch.cat([positions[:1], positions[-1:], header]).tolist()
         consecutive = last - first == positions.numel() - 1
     else:
         values = positions.tolist()
-        first, length = values[0], int(header)
+        first, (length, packed) = values[0], header.tolist()
         consecutive = values == list(range(first, first + len(values)))
     if not consecutive:
         raise ValueError("mixkvq: cache positions of one write must be consecutive")
-    return first, length
+    return first, length, packed

@@ -20,9 +20,10 @@ Bit widths: KVmix gives its high layers 3-bit keys and 4-bit values. The store h
 tiers (no 3-bit packing; KVmix's 3-bit "11-in-32" packing costs 5.8 bits per element with its
 metadata anyway), so a layer's key width is a ``key_bits_budget``: 4.0 (all channels 4-bit) or 2.0 for
 KIVI-style uniform keys, or any mean (e.g. 3.0 / 2.3) for MixKVQ's query-aware tiers inside the
-layer. KVmix's recent-pivotal-context (RPC) window has no place in the static layout (see
-docs/accuracy.md); ``residual_levels`` gives high-scoring layers a longer full-precision window
-instead ("higher importance, larger window").
+layer. KVmix's recent pivotal context (RPC): ``rpc_levels`` gives each layer an ``rpc_ratio`` (the
+paper: 0.2 for layers with a high key or value width, 0.1 for the others; one ratio per layer for
+keys and values alike, where KVmix has one each); ``residual_levels`` a fixed full-precision window
+(``residual_length``) by the key ranking ("higher importance, larger window").
 
 ``calibrate_thresholds`` turns MixKVQ's absolute thresholds into per-layer tier sizes (the static
 layout's reading of the threshold rule, see ``KeyTiering.THRESHOLDS``).
@@ -162,6 +163,7 @@ def kvmix_plan_from_scores(
     key_levels: tuple[float, float] = (4.0, 2.0),
     value_levels: tuple[int, int] = (4, 2),
     residual_levels: tuple[int, int] | None = None,
+    rpc_levels: tuple[float, float] | None = None,
 ) -> dict:
     """A layer plan meeting mean key/value widths: the top layers by score get the high level.
 
@@ -170,6 +172,8 @@ def kvmix_plan_from_scores(
     per-layer ``value_bits``. KVmix's code makes the top 10% + 10% of layers high (paper: "top 20%");
     here the number follows from the budget: ``floor((target - low) * L / (high - low))`` layers.
     ``residual_levels`` (high, low): per-layer ``residual_length`` by the key ranking (optional).
+    ``rpc_levels`` (high, low): per-layer ``rpc_ratio``, high where the key or the value width is high
+    (optional; KVmix's paper: (0.2, 0.1)).
     """
     layers = len(scores["key"])
     key_high = set(_high_layers(scores["key"], key_bits, key_levels))
@@ -182,6 +186,9 @@ def kvmix_plan_from_scores(
         }
         if residual_levels is not None:
             fields["residual_length"] = int(residual_levels[0] if layer in key_high else residual_levels[1])
+        if rpc_levels is not None:
+            high = layer in key_high or layer in value_high
+            fields["rpc_ratio"] = float(rpc_levels[0] if high else rpc_levels[1])
         overrides[str(layer)] = fields
     return {
         "format": PLAN_FORMAT,
@@ -291,6 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key-levels", type=float, nargs=2, default=(4.0, 2.0), metavar=("HIGH", "LOW"))
     parser.add_argument("--value-levels", type=int, nargs=2, default=(4, 2), metavar=("HIGH", "LOW"))
     parser.add_argument("--residual-levels", type=int, nargs=2, default=None, metavar=("HIGH", "LOW"))
+    parser.add_argument(
+        "--rpc-levels",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("HIGH", "LOW"),
+        help="per-layer rpc_ratio (KVmix's recent pivotal context; paper: 0.2 0.1)",
+    )
     parser.add_argument("--label-shift", type=int, default=1, help="2 reproduces the official code")
     parser.add_argument(
         "--thresholds",
@@ -335,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tuple(args.key_levels),
             tuple(args.value_levels),
             tuple(args.residual_levels) if args.residual_levels else None,
+            tuple(args.rpc_levels) if args.rpc_levels else None,
         )
     write_plan(plan, args.out)
     print(json.dumps(plan.get("budget", plan.get("thresholds")), indent=1))

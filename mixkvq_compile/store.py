@@ -9,10 +9,13 @@ the store. ``cache.reset()`` (``zero_()``) only writes the scratch element.
 
 Token placement (``n`` tokens written, positions ``0..n-1``):
 - positions ``< S`` (sink tokens) stay in full precision in ``sink``;
-- ``flushed_groups(n) = max(0, n - S - R) // G`` groups of ``G`` tokens after the sinks are packed
-  (keys per channel in mixed tiers, values per token);
-- the rest (between R and R + G - 1 tokens once the sequence is long) sits in full precision in a
-  ring buffer of ``W = min(R + G, L - S)`` slots, token ``p`` at slot ``(p - S) % W``.
+- ``P`` groups of ``G`` tokens after the sinks are packed (keys per channel in mixed tiers, values
+  per token); ``P`` is kept in the header and grows after each write (``StoreLayout.groups_after``):
+  of the ``F = n - S - P * G`` full-precision tokens, ``keep(F) = max(R, floor(r * F))`` stay and
+  the oldest whole groups of the rest are packed (r = ``rpc_ratio``; with r = 0, the default,
+  ``P = max(0, n - S - R) // G`` whatever the history of writes);
+- the full-precision rest sits in a ring buffer of ``W = min(max(R, r * (L - S)) + G, L - S)``
+  slots, token ``p`` at slot ``(p - S) % W``.
 
 Key group layout (per batch row ``b``, KV head ``h``, group ``g``): ``order[b, h, g]`` is a
 permutation of the ``D`` channels, high tier first, then mid, then low (each ascending). Tier
@@ -35,7 +38,9 @@ from . import reference
 from .config import MixKVQConfig
 
 MAGIC = 0x6D69786B7671  # "mixkvq"
-HEADER_FIELDS = 8  # int64: [0] scratch under the handle, [1] magic, [2] tokens written, [3] layout hash
+# int64: [0] scratch under the handle, [1] magic, [2] tokens written, [3] layout hash, [4] packed groups,
+# [5] the group a decode step's append must pack (-1: none; written by the step's ring write)
+HEADER_FIELDS = 8
 ALIGN = 64
 
 
@@ -67,6 +72,7 @@ class StoreLayout:
     key_bits: tuple[int, int, int]
     value_bits: int
     salience: bool
+    rpc_permille: int = 0
 
     @classmethod
     def create(
@@ -101,6 +107,7 @@ class StoreLayout:
             key_bits=config.key_bits,
             value_bits=config.value_bits,
             salience=config.key_tiering.query_aware and sum(c > 0 for c in channels) > 1,
+            rpc_permille=config.rpc_permille,
         )
 
     def to_key(self) -> str:
@@ -125,8 +132,9 @@ class StoreLayout:
 
     @property
     def window(self) -> int:
-        """Ring-buffer slots of the full-precision residual window."""
-        return min(self.residual_length + self.group_size, self.capacity - self.sink_tokens)
+        """Ring-buffer slots of the full-precision window: the most tokens a write can leave there."""
+        span = self.capacity - self.sink_tokens
+        return min(max(self.residual_length, self.rpc_permille * span // 1000) + self.group_size, span)
 
     @property
     def num_groups(self) -> int:
@@ -138,20 +146,33 @@ class StoreLayout:
         """True when more than one key tier is non-empty (a per-group channel order is stored)."""
         return sum(c > 0 for c in self.key_channels) > 1
 
-    def flushed_groups(self, length: int) -> int:
-        """Packed groups once ``length`` tokens are written."""
-        free = length - self.sink_tokens - self.residual_length
-        return min(max(0, free) // self.group_size, self.num_groups)
+    def keep(self, fp_tokens: int) -> int:
+        """Full-precision tokens kept of ``fp_tokens``: ``max(R, floor(r * F))`` (integer arithmetic)."""
+        return max(self.residual_length, self.rpc_permille * fp_tokens // 1000)
 
-    def plan_write(self, length: int, start: int, count: int) -> WritePlan:
-        """Check a write of ``count`` tokens at ``start`` into a store holding ``length`` tokens.
+    def groups_after(self, packed: int, end: int) -> int:
+        """Packed groups after a write that leaves ``end`` tokens in a store with ``packed`` groups."""
+        fp = end - self.sink_tokens - packed * self.group_size
+        if fp <= 0:
+            return packed
+        return min(packed + max(0, fp - self.keep(fp)) // self.group_size, self.num_groups)
+
+    def flushed_groups(self, length: int) -> int:
+        """Packed groups once ``length`` tokens are written into an empty store in one write (with
+        ``rpc_ratio = 0``, after any sequence of writes that ends at ``length``)."""
+        return self.groups_after(0, length)
+
+    def plan_write(self, length: int, packed: int, start: int, count: int) -> WritePlan:
+        """Check a write of ``count`` tokens at ``start`` into a store holding ``length`` tokens, of
+        which ``packed`` groups are packed.
 
         ``start`` must equal ``length`` (append) or lie in the full-precision window (a rewind that
-        overwrites unflushed tokens); writing into packed groups or past the capacity is refused.
+        overwrites unflushed tokens; a rewind into the sinks repacks every group); writing into packed
+        groups or past the capacity is refused.
         """
         if start > length:
             raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
-        kept_flushed = self.sink_tokens + self.flushed_groups(length) * self.group_size
+        kept_flushed = self.sink_tokens + packed * self.group_size
         if start < length and self.sink_tokens <= start < kept_flushed:
             raise ValueError(
                 f"mixkvq store: position {start} is already quantized (tokens < {kept_flushed} are packed); "
@@ -163,9 +184,12 @@ class StoreLayout:
                 f"mixkvq store: {end} tokens exceed the cache capacity of {self.capacity} "
                 "(max_cache_len); allocate a larger cache"
             )
-        old_groups = self.flushed_groups(min(start, length))
+        old_groups = 0 if start < self.sink_tokens else packed
         return WritePlan(
-            end, old_groups, self.flushed_groups(end), self.sink_tokens + old_groups * self.group_size
+            end,
+            old_groups,
+            self.groups_after(old_groups, end),
+            self.sink_tokens + old_groups * self.group_size,
         )
 
     def key_regions(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -317,9 +341,17 @@ class KVStore:
         """Tokens written so far."""
         return int(self.keys["header"][2])
 
-    def set_length(self, length: int) -> None:
-        self.keys["header"][2] = length
-        self.values["header"][2] = length
+    @property
+    def packed_groups(self) -> int:
+        """Groups packed so far."""
+        return int(self.keys["header"][4])
+
+    def set_length(self, length: int, packed: int | None = None) -> None:
+        """Set the token count and the packed-group count (default: ``flushed_groups(length)``)."""
+        packed = self.layout.flushed_groups(length) if packed is None else packed
+        for header in (self.keys["header"], self.values["header"]):
+            header[2] = length
+            header[4] = packed
 
     def reset(self) -> None:
         """Forget every token and every query statistic."""
@@ -328,14 +360,23 @@ class KVStore:
             self.keys["query_abs_sum"].zero_()
             self.keys["query_count"].zero_()
 
-    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, length: int, packed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys ``[B, H, length, D]`` and values ``[B, H, length, Dv]`` at positions < length.
 
         Sinks and residual tokens come back exactly; packed groups in float32 rounded to the model dtype.
+        ``packed`` is the store's packed-group count when the caller knows it (saves a header read);
+        ``length`` must not end inside the packed groups.
         """
         lay = self.layout
         sinks = min(lay.sink_tokens, length)
-        groups = lay.flushed_groups(length)
+        groups = self.packed_groups if packed is None else packed
+        if length < lay.sink_tokens + groups * lay.group_size:
+            if length > lay.sink_tokens:
+                raise ValueError(
+                    f"mixkvq store: cannot read {length} tokens, positions {lay.sink_tokens}.."
+                    f"{lay.sink_tokens + groups * lay.group_size - 1} are packed as whole groups"
+                )
+            groups = 0
         start = lay.sink_tokens + groups * lay.group_size
         ring_slots = (
             torch.arange(start, max(start, length), device=self.keys["ring"].device) - lay.sink_tokens
@@ -372,7 +413,7 @@ class KVStore:
         rewind that overwrites unflushed tokens); writing into packed groups is refused.
         """
         lay = self.layout
-        plan = lay.plan_write(self.length, start, key.shape[2])
+        plan = lay.plan_write(self.length, self.packed_groups, start, key.shape[2])
         end, old_groups, new_groups, pending_start = (
             plan.end,
             plan.old_groups,
@@ -401,7 +442,7 @@ class KVStore:
             slots = (torch.arange(remain_start, end, device=key.device) - lay.sink_tokens) % lay.window
             self.keys["ring"][:, :, slots] = pending_k[:, :, flush_tokens:]
             self.values["ring"][:, :, slots] = pending_v[:, :, flush_tokens:]
-        self.set_length(end)
+        self.set_length(end, new_groups)
 
     # -- packed groups -------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ CONFIGS = {"mha-d64": (4, 4, 64), "gqa-d128": (4, 2, 128)}
 # (2026-11-26, CPU, `pytest -s` prints them): kivi4 1.3e-5 (mha-d64) / 7.2e-5 (gqa-d128), mixkvq
 # 2.5e-4 / 1.5e-3 (2-bit values). The bounds leave about 7x and 4x over the larger measurement.
 KL_BOUNDS = {"kivi4": 5e-4, "mixkvq": 6e-3}
+# kivi2 with rpc_ratio 0.2 and no fixed window, mha-d64: measured 1.0e-3 (same day); about 4x over.
+RPC_KL_BOUND = 4e-3
 
 
 def compile_and_generate(model, options, ids, mask, fullgraph=False):
@@ -146,3 +148,23 @@ def test_prefill_compiler_chooses_what_inductor_compiles(monkeypatch, prefill_co
     assert list(compiled.values()) == inductor_graphs
     assert torch.equal(tokens, eager_tokens)
     assert mixkvq_compile.counters["attention_rewritten"] == 2
+
+
+def test_rpc_ratio_packs_by_the_kvmix_rule_end_to_end():
+    """``rpc_ratio`` through the backend: a 200-token prompt keeps 40 tokens in full precision, the first
+    decode step packs down to 8 (the rule, computed independently in ``kvmix_rpc_packed``), and the
+    generated tokens stay close to eager."""
+    from mixkvq_compile.store import blob_of
+    from tests.test_store import kvmix_rpc_packed
+
+    model = tiny_llama(*CONFIGS["mha-d64"])
+    ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
+    options = {"preset": "kivi2", "residual_length": 0, "rpc_ratio": 0.2}
+    eager_forward, tokens, logits = compile_and_generate(model, options, ids, mask)
+    kl = mean_kl(teacher_forced_logits(eager_forward, tokens, mask, PROMPT), logits)
+    print(f"\nkivi2 + rpc 0.2: KL {kl:.2e}")
+    assert kl < RPC_KL_BOUND
+    cache = model_cache(model, ids, mask)  # the prompt, then one decode step
+    header = blob_of(cache.layers[0].keys)[:64].view(torch.int64)
+    assert int(header[2]) == PROMPT + 1
+    assert int(header[4]) * 32 == kvmix_rpc_packed([PROMPT, 1], "0.2", 32)[-1] == PROMPT + 1 - 9

@@ -37,6 +37,9 @@ def test_presets_are_distinct_and_named():
         ({"layer_overrides": {0: {"colour": 1}}}, ["unknown field", "colour"]),
         ({"layer_overrides": {-1: {"value_bits": 4}}}, ["layer index"]),
         ({"prefill_compiler": "jit"}, ["prefill_compiler", "'auto', 'inductor', 'eager'"]),
+        ({"rpc_ratio": 1.0}, ["rpc_ratio", "[0, 1)"]),
+        ({"rpc_ratio": 0.0005}, ["rpc_ratio", "0.001"]),
+        ({"rpc_ratio": True}, ["rpc_ratio"]),
     ],
 )
 def test_bad_fields_name_the_option_and_allowed_values(fields, names):

@@ -47,7 +47,14 @@ CONFIGS = {
     "difficulty": dataclasses.replace(MIX, key_tiering=KeyTiering.DIFFICULTY),
     # Small 2-bit and 4-bit tiers (16-channel tiles): the tile shape where a joined 4-bit unpack broke.
     "mix_small_tiers": MixKVQConfig(key_tier_fractions=(0.5, 0.25), key_bits=(16, 4, 2), value_bits=2),
+    # KVmix's recent pivotal context: the packed-group count follows the history of writes.
+    "mix_rpc_sinks": dataclasses.replace(MIX, rpc_ratio=0.3, sink_tokens=2),
 }
+
+
+def _small_window(config):
+    """Groups of 32 that leave a short window: a 32-token residual, or RPC alone (R = 0)."""
+    return dataclasses.replace(config, residual_length=0 if config.rpc_ratio else 32, group_size=32)
 
 
 def _store(
@@ -156,8 +163,10 @@ def test_unpack_codes_matches_reference(bits, rows, nbytes, dtype):
     ],
 )
 def test_decode_matches_reference(name, dtype):
-    store = _store(CONFIGS[name], dtype=dtype, seed=hash(name) % 1000)
-    for length in (77, 130):
+    for length, chunks in ((77, (40,)), (130, (77,))):
+        store = _store(
+            CONFIGS[name], dtype=dtype, seed=hash(name) % 1000 + length, tokens=length, chunks=chunks
+        )
         query = torch.randn(3, 5, 1, 64, dtype=dtype, device=DEVICE)
         out, ref = _run(query, store, length, num_splits=2)
         assert _rel(out, ref) < TOL[dtype], (name, length)
@@ -257,11 +266,12 @@ def _stores_equal(a: KVStore, b: KVStore, length: int) -> None:
         ("mix_sinks_v4", torch.float16),
         ("passthrough", torch.float16),
         ("mix_uniform_keys_v16", torch.bfloat16),
+        ("mix_rpc_sinks", torch.float16),
     ],
 )
 def test_append_bit_exact(name, dtype):
     """Bulk prompt, a chunk that mixes old ring tokens with new ones, and single tokens across a flush."""
-    config = dataclasses.replace(CONFIGS[name], residual_length=32, group_size=32)
+    config = _small_window(CONFIGS[name])
     lay = StoreLayout.create(config, 2, 1, 200, 64, 64, dtype)
     stores = [KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2)]
     for st in stores:  # the same bytes everywhere outside the live data
@@ -280,6 +290,8 @@ def test_append_bit_exact(name, dtype):
         stores[0].append(k[:, :, start:end], v[:, :, start:end], start)
         qkern.append(stores[1], k[:, :, start:end], v[:, :, start:end], start)
         _stores_equal(stores[0], stores[1], end)
+    if lay.rpc_permille:  # r = 0.3: after 170 tokens written as above, 4 groups are packed
+        assert stores[0].packed_groups == 4
 
 
 def test_store_groups_bulk_with_explicit_order():
@@ -338,13 +350,19 @@ def test_bulk_flush_ranks_channels_in_kernel(name):
 
 
 @pytest.mark.parametrize(
-    "name,dtype", [("mix", torch.bfloat16), ("kivi2", torch.float16), ("mix_sinks_v4", torch.float16)]
+    "name,dtype",
+    [
+        ("mix", torch.bfloat16),
+        ("kivi2", torch.float16),
+        ("mix_sinks_v4", torch.float16),
+        ("mix_rpc_sinks", torch.float16),
+    ],
 )
 def test_decode_step_without_host_reads_matches_reference(name, dtype):
     """``ops.decode_step`` (the CUDA-graph path: position, flush and ranking on the device) against the
     host path (reference attention + ``KVStore.append``) over steps that cross group flushes: the same
     outputs within the dtype's tolerance and the same store, bit for bit, query statistics included."""
-    config = dataclasses.replace(CONFIGS[name], residual_length=32, group_size=32)
+    config = _small_window(CONFIGS[name])
     lay = StoreLayout.create(config, 2, 1, 160, 64, 64, dtype)
     host, device = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
     gen = torch.Generator().manual_seed(5)
@@ -357,22 +375,29 @@ def test_decode_step_without_host_reads_matches_reference(name, dtype):
     mask = torch.ones(2, 1, 1, 160, dtype=torch.bool, device=DEVICE)
     mask[1, ..., :7] = False  # a left-padded row
     scale = 0.7 / 64**0.5
-    for t in range(90, 101):  # group flushes at 96 (and 99 with 3 sinks)
+    flushes = []
+    # Writes that pack a group: 95 (98 with 3 sinks); with RPC (r = 0.3, 2 sinks, 88 full-precision
+    # tokens after the prompt, 56 after its flush) 90 (F = 57, keep 17) and 110 (F = 45, keep 13).
+    for t in range(90, 101 if not lay.rpc_permille else 112):
         step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-        expected = ops._attend_with_reference(*step, host, t, t + 1, mask, scale, True)
+        packed = host.packed_groups
+        expected = ops._attend_with_reference(*step, host, t, packed, t + 1, mask, scale, True)
         host.accumulate_queries(step[0])
         host.append(step[1], step[2], t)
         out = ops.decode_step(*step, torch.tensor([t], device=DEVICE), device, mask, scale, True)
         assert _rel(out, expected.float()) < TOL[dtype]
         _stores_equal(host, device, t + 1)
-        assert device.length == t + 1
+        assert device.length == t + 1 and device.packed_groups == host.packed_groups
+        if host.packed_groups > packed:
+            flushes.append(t)
         if lay.salience:
             assert torch.equal(host.keys["query_abs_sum"], device.keys["query_abs_sum"])
+    assert flushes == ([90, 110] if lay.rpc_permille else [98] if lay.sink_tokens else [95])
     # Position 0 starts a new sequence: the statistics restart from this query alone.
     ops.decode_step(
         q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.tensor([0], device=DEVICE), device, None, scale, True
     )
-    assert device.length == 1
+    assert device.length == 1 and device.packed_groups == 0
     if lay.salience:
         fresh = KVStore.open(lay, *allocate(lay, DEVICE))
         fresh.accumulate_queries(q[:, :, :1])
@@ -396,8 +421,9 @@ def test_long_chunk_after_prefix_matches_reference(masked):
         mask = (pos[None, :] <= (90 + torch.arange(40, device=DEVICE))[:, None]).expand(3, 1, 40, 160).clone()
         mask[1, ..., :9] = False
     scale = 0.7 / 8
-    out = ops._attend_with_kernels(q, k, v, store, 90, mask, scale, not masked)
-    ref = ops._attend_with_reference(q, k, v, store, 90, 130, mask, scale, not masked)
+    packed = store.packed_groups
+    out = ops._attend_with_kernels(q, k, v, store, 90, packed, mask, scale, not masked)
+    ref = ops._attend_with_reference(q, k, v, store, 90, packed, 130, mask, scale, not masked)
     assert _rel(out, ref.float()) < TOL[dtype]
 
 

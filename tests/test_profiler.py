@@ -71,6 +71,13 @@ def test_plan_meets_the_budget_with_the_top_layers_and_loads_into_the_config(tmp
     assert config.for_layer(3).key_bits_nominal(64) == 3.0 and config.for_layer(3).residual_length == 128
     assert config.for_layer(0).key_bits_nominal(64) == 2.25 and config.for_layer(0).residual_length == 64
     assert json.loads(path.read_text())["format"] == "mixkvq-layer-plan"
+    # KVmix's RPC ratios: high where the key (layers 1, 3) or the value width (layer 0) is high.
+    rpc = kvmix_plan_from_scores(scores, 2.8, 2.4, key_levels=(4.0, 2.0), rpc_levels=(0.2, 0.1))
+    write_plan(rpc, path)
+    config = MixKVQConfig(
+        key_tiering="uniform", key_tier_fractions=(0, 0), residual_length=0, layer_plan=str(path)
+    )
+    assert [config.for_layer(i).rpc_ratio for i in range(5)] == [0.2, 0.2, 0.1, 0.2, 0.1]
 
 
 def test_missing_projections_name_what_was_searched():

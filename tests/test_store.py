@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -224,3 +225,41 @@ def test_fake_implementations_match_real_outputs():
         (layout.to_key(), torch.device("cpu")),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def kvmix_rpc_packed(writes, ratio, group):
+    """Packed tokens after each write under KVmix's RPC rule, written from its definition (exact
+    fractions): of the F full-precision tokens, keep floor(r * F) and pack the oldest whole groups."""
+    fp, packed, out = 0, 0, []
+    for count in writes:
+        fp += count
+        keep = math.floor(Fraction(ratio) * fp)
+        flush = (fp - keep) // group * group
+        fp, packed = fp - flush, packed + flush
+        out.append(packed)
+    return out
+
+
+def test_rpc_ratio_follows_the_kvmix_rule_and_keeps_its_window_exact():
+    """r = 0.2, no fixed window: right after a 1000-token prompt 200 tokens stay in full precision;
+    the next decode steps shrink the window to the rule's steady state (under G / (1 - r) tokens)."""
+    config = dataclasses.replace(PRESETS["kivi2"], residual_length=0, rpc_ratio=0.2)
+    layout, _, _, store = make_store(config, batch=1, heads=2, capacity=1100, head_dim=32)
+    assert layout.window == 200 * 1100 // 1000 + 32  # the largest window a write can leave
+    torch.manual_seed(3)
+    keys, values = torch.randn(1, 2, 1100, 32), torch.randn(1, 2, 1100, 32)
+    writes = [1000] + [1] * 40
+    expected = kvmix_rpc_packed(writes, "0.2", 32)
+    assert expected[:3] == [800, 960, 992]
+    start = 0
+    for count, packed_tokens in zip(writes, expected, strict=True):
+        store.append(keys[:, :, start : start + count], values[:, :, start : start + count], start)
+        start += count
+        assert store.packed_groups * 32 == packed_tokens, start
+        k, v = store.read(start)
+        window = slice(packed_tokens, start)  # full precision: exact
+        assert torch.equal(k[:, :, window], keys[:, :, window]) and torch.equal(
+            v[:, :, window], values[:, :, window]
+        )
+        assert not torch.equal(k[:, :, :packed_tokens], keys[:, :, :packed_tokens])  # quantized
+    assert start - store.packed_groups * 32 < 32 / (1 - 0.2)

@@ -254,7 +254,7 @@ def _value_tile(
     return v
 
 
-@triton.jit(do_not_specialize=["length", "new_len", "groups_per_split", "num_splits"])
+@triton.jit(do_not_specialize=["length", "packed", "new_len", "groups_per_split", "num_splits"])
 def _attn_split_kernel(
     q_ptr,
     sqb,
@@ -293,7 +293,9 @@ def _attn_split_kernel(
     part_acc_ptr,
     part_ml_ptr,
     length_ptr,
+    khdr_ptr,
     length,
+    packed,
     new_len,
     qk_scale,
     groups_per_split,
@@ -308,7 +310,6 @@ def _attn_split_kernel(
     G: tl.constexpr,
     S: tl.constexpr,
     W: tl.constexpr,
-    R: tl.constexpr,
     NG: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
@@ -357,7 +358,10 @@ def _attn_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    fg = tl.minimum(tl.maximum(length - S - R, 0) // G, NG)
+    if LENGTH_FROM_PTR:  # the header's packed groups, none past the length (a new sequence at 0)
+        fg = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(length - S, 0) // G)
+    else:
+        fg = packed
     if not FP_PART:
         # Packed groups [g0, g1).
         if LENGTH_FROM_PTR:  # the length is known only here: spread the filled groups over the splits
@@ -639,6 +643,7 @@ def decode_attention(
     num_stages: int = 3,
     fp_stages: int = 1,
     gather: bool = False,
+    packed: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over the first ``length`` stored tokens (plus optional new tokens).
 
@@ -658,6 +663,9 @@ def decode_attention(
             query rows per program; warps per program; software-pipelining depth of the packed-group
             loop and of the full-precision loop); ``gather`` unpacks codes with one byte load per code
             instead of a vector load plus an in-register reshape.
+        packed: the store's packed-group count when ``length`` is an int and the caller knows it
+            (default: read from the store's header, a device sync on CUDA); with a tensor length the
+            kernel reads it from the header.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in ``query.dtype``; equals ``reference.attention(query, *store.read(length)
@@ -710,7 +718,15 @@ def decode_attention(
     bh = bsz * lay.heads
 
     # Splits over the packed groups.
-    max_groups = lay.flushed_groups(length_val) if not from_ptr else lay.num_groups
+    if from_ptr:
+        packed, max_groups = 0, lay.num_groups
+    else:
+        packed = store.packed_groups if packed is None else int(packed)
+        if lay.sink_tokens + packed * lay.group_size > max(length_val, lay.sink_tokens):
+            raise ValueError(
+                f"decode_attention: length={length_val} ends inside the store's {packed} packed groups"
+            )
+        max_groups = packed
     if num_splits is None:
         if device.type == "cuda":
             target = 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -786,7 +802,9 @@ def decode_attention(
         part_acc,
         part_ml,
         length_ptr if from_ptr else part_ml,
+        keys["header"],
         length_val,
+        packed,
         new_len,
         scale * LOG2E,
         groups_per_split,
@@ -803,7 +821,6 @@ def decode_attention(
         G=lay.group_size,
         S=lay.sink_tokens,
         W=max(lay.window, 1),
-        R=lay.residual_length,
         NG=lay.num_groups,
         **layout_constexprs(lay, tiers),
         BLOCK_R=64 if d <= 128 else 32,

@@ -197,7 +197,7 @@ def _store_groups_kernel(
     kv_ptr,
     qsum_ptr,
     qcount_ptr,
-    pos_ptr,
+    khdr_ptr,
     first,
     offset,
     wrap,
@@ -207,7 +207,6 @@ def _store_groups_kernel(
     G: tl.constexpr,
     NG: tl.constexpr,
     S: tl.constexpr,
-    R: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     C2: tl.constexpr,
@@ -230,12 +229,11 @@ def _store_groups_kernel(
     h = bh % H
     bh64 = bh.to(tl.int64)
     if FROM_PTR:
-        # A decode step that wrote one token at position p = *pos_ptr into the ring (``wrap`` = W
-        # slots): flush group ``old`` from the ring iff the token completed it.
-        p = tl.load(pos_ptr).to(tl.int32)
-        old = tl.minimum(tl.maximum(p - S - R, 0) // G, NG)
-        active = (tl.minimum(tl.maximum(p + 1 - S - R, 0) // G, NG) > old).to(tl.int32)
-        grp = tl.minimum(old, NG - 1)
+        # A decode step that wrote one token into the ring (``wrap`` = W slots): pack the group that
+        # the step's ring write chose (key header field 5, -1 for none).
+        chosen = tl.load(khdr_ptr + 5).to(tl.int32)
+        active = (chosen >= 0).to(tl.int32)
+        grp = tl.maximum(chosen, 0)
         offset = (grp * G) % wrap
     else:
         active = (n >= 0).to(tl.int32)
@@ -407,9 +405,9 @@ def store_groups(
     _launch_store_groups(store, key, value, count, order, first, offset, wrap)
 
 
-def _launch_store_groups(store, key, value, count, order, first, offset, wrap, position=None) -> None:
-    """One launch of ``_store_groups_kernel`` (``position``: a decode step's one-element position tensor,
-    which makes the launch a predicated one-group flush from the ring)."""
+def _launch_store_groups(store, key, value, count, order, first, offset, wrap, predicated=False) -> None:
+    """One launch of ``_store_groups_kernel`` (``predicated``: a decode step's one-group flush from the
+    ring, of the group its ring write chose, if any)."""
     lay = store.layout
     keys = store.keys
     rank = lay.mixed_keys and order is None
@@ -434,7 +432,7 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         vq,
         keys["ring"],
         *stats,
-        position if position is not None else keys["header"],
+        keys["header"],
         int(first),
         int(offset),
         int(wrap) if wrap is not None else 1 << 30,
@@ -444,16 +442,15 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         G=lay.group_size,
         NG=max(lay.num_groups, 1),
         S=lay.sink_tokens,
-        R=lay.residual_length,
         **layout_constexprs(lay, tiers),
         RANK=rank,
         SALIENCE=rank and lay.salience,
-        FROM_PTR=position is not None,
+        FROM_PTR=predicated,
         num_warps=4,
     )
 
 
-@triton.jit(do_not_specialize=["start", "ring_from", "new_length"])
+@triton.jit(do_not_specialize=["start", "ring_from", "new_length", "new_packed"])
 def _write_tokens_kernel(
     k_ptr,
     skb,
@@ -475,11 +472,16 @@ def _write_tokens_kernel(
     start,
     ring_from,
     new_length,
+    new_packed,
     H: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
     S: tl.constexpr,
     W: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    R: tl.constexpr,
+    RPC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     LQ: tl.constexpr,
     SET_LENGTH: tl.constexpr,
@@ -491,10 +493,22 @@ def _write_tokens_kernel(
         start = tl.load(pos_ptr).to(tl.int32)
         ring_from = start
         new_length = start + LQ
-    if SET_LENGTH:  # the store header's token count (field 2 of both blobs), CUDA-graph friendly
+    if SET_LENGTH:  # the headers' token and packed-group counts (fields 2 and 4), CUDA-graph friendly
         first = (bh == 0) & (tb == 0)
+        if START_FROM_PTR:
+            # One token: it makes at most one group leave the window (``StoreLayout.groups_after``);
+            # field 5 tells the step's predicated flush which one. Packed groups past the position (a
+            # new sequence at 0) do not count.
+            old = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(start - S, 0) // G)
+            fp = new_length - S - old * G
+            keep = tl.maximum(RPC * fp // 1000, R)
+            grow = (fp - keep >= G) & (old < NG)
+            new_packed = old + grow.to(tl.int32)
+            tl.store(khdr_ptr + 5, tl.where(grow, old, -1).to(tl.int64), mask=first)
         tl.store(khdr_ptr + 2, new_length.to(tl.int64), mask=first)
         tl.store(vhdr_ptr + 2, new_length.to(tl.int64), mask=first)
+        tl.store(khdr_ptr + 4, new_packed.to(tl.int64), mask=first)
+        tl.store(vhdr_ptr + 4, new_packed.to(tl.int64), mask=first)
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
@@ -534,19 +548,30 @@ def write_tokens(
     *,
     ring_from: int | None = None,
     set_length: int | None = None,
+    set_packed: int | None = None,
 ) -> None:
     """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..`` in full precision.
 
     Positions below ``sink_tokens`` go to the sinks; positions ``>= max(sink_tokens, ring_from)`` go to
     ring slot ``(p - S) % W`` (``ring_from`` defaults to ``start``); nothing else is written. With
-    ``set_length`` the same launch also stores the token count in both headers (no host copy).
+    ``set_length`` the same launch also stores the token count and the packed-group count
+    (``set_packed``, default ``flushed_groups(set_length)``) in both headers (no host copy).
     ``start`` may be a one-element integer tensor on the device (a decode step under a CUDA graph):
-    then ``ring_from = start`` and the headers get ``start + Lq``; ``ring_from``/``set_length`` must
-    be None.
+    then ``ring_from = start``, the headers get ``start + Lq`` tokens and the packed groups after it
+    (at most one more group, whose index goes to header field 5 for ``append_token``'s flush; so
+    ``Lq`` must be 1); ``ring_from``/``set_length``/``set_packed`` must be None.
     """
     from_ptr = isinstance(start, torch.Tensor)
-    if from_ptr and (ring_from is not None or set_length is not None or start.numel() != 1):
-        raise ValueError("write_tokens: a tensor start must have one element and no ring_from/set_length")
+    if from_ptr and (
+        ring_from is not None or set_length is not None or set_packed is not None or start.numel() != 1
+    ):
+        raise ValueError(
+            "write_tokens: a tensor start must have one element and no ring_from/set_length/set_packed"
+        )
+    if from_ptr and key.shape[2] != 1:
+        raise ValueError(f"write_tokens: a tensor start writes one token, got {key.shape[2]}")
+    if set_packed is not None and set_length is None:
+        raise ValueError("write_tokens: set_packed needs set_length")
     lay = store.layout
     _check_device(store, key, value)
     lq = key.shape[2]
@@ -559,9 +584,11 @@ def write_tokens(
         raise ValueError(
             f"write_tokens: key {tuple(key.shape)} / value {tuple(value.shape)} do not match the store"
         )
+    if set_length is not None and set_packed is None:
+        set_packed = lay.flushed_groups(set_length)
     if lq == 0 and not from_ptr:
         if set_length is not None:
-            store.set_length(set_length)
+            store.set_length(set_length, set_packed)
         return
     block_t = min(16, next_pow2(lq))
     _write_tokens_kernel[(lay.batch * lay.heads, triton.cdiv(lq, block_t))](
@@ -579,11 +606,16 @@ def write_tokens(
         0 if from_ptr else int(start),
         0 if from_ptr else int(start if ring_from is None else ring_from),
         int(set_length or 0),
+        int(set_packed or 0),
         H=lay.heads,
         D=lay.head_dim,
         DV=lay.value_dim,
         S=lay.sink_tokens,
         W=max(lay.window, 1),
+        G=lay.group_size,
+        NG=lay.num_groups,
+        R=lay.residual_length,
+        RPC=lay.rpc_permille,
         BLOCK_T=block_t,
         LQ=lq,
         SET_LENGTH=from_ptr or set_length is not None,
@@ -593,15 +625,23 @@ def write_tokens(
 
 
 def append(
-    store: KVStore, key: torch.Tensor, value: torch.Tensor, start: int, *, length: int | None = None
+    store: KVStore,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: int,
+    *,
+    length: int | None = None,
+    packed: int | None = None,
 ) -> None:
     """``KVStore.append`` on the Triton kernels (same checks, same resulting store, bit for bit).
 
-    ``length`` is the store's current length; pass it when known to skip reading the header (a sync).
+    ``length`` and ``packed`` are the store's current token and packed-group counts; pass them when
+    known to skip reading the header (a sync).
     """
     lay = store.layout
     length = store.length if length is None else int(length)
-    plan = lay.plan_write(length, start, key.shape[2])
+    packed = store.packed_groups if packed is None else int(packed)
+    plan = lay.plan_write(length, packed, start, key.shape[2])
     end, old_groups, new_groups, pending_start = (
         plan.end,
         plan.old_groups,
@@ -613,7 +653,7 @@ def append(
     remain_start = pending_start + flush * g
     if end - pending_start <= w:
         # Every pending token fits the ring: write the new ones there, then flush from the ring.
-        write_tokens(store, key, value, start, ring_from=start, set_length=end)
+        write_tokens(store, key, value, start, ring_from=start, set_length=end, set_packed=new_groups)
         if flush:
             store_groups(
                 store,
@@ -633,13 +673,14 @@ def append(
                 src_k = torch.cat([store.keys["ring"][:, :, old], key.to(lay.dtype)], dim=2)
                 src_v = torch.cat([store.values["ring"][:, :, old], value.to(lay.dtype)], dim=2)
                 store_groups(store, old_groups, src_k, src_v, count=flush)
-        write_tokens(store, key, value, start, ring_from=remain_start, set_length=end)
+        write_tokens(store, key, value, start, ring_from=remain_start, set_length=end, set_packed=new_groups)
 
 
 def append_token(store: KVStore, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
     """Append one decode token at the position held in ``position`` (one integer element on the
-    device) without any host read: the write into the ring and a predicated flush of the group it
-    completes (channel ranking included) are two launches, so the step can be captured in a CUDA graph.
+    device) without any host read: the write into the ring (which also decides whether a group leaves
+    the full-precision window, ``StoreLayout.groups_after``) and a predicated flush of that group
+    (channel ranking included) are two launches, so the step can be captured in a CUDA graph.
 
     Args:
         key, value: ``[B, H, 1, D]`` / ``[B, H, 1, Dv]`` the token's key (post-RoPE) and value.
@@ -655,4 +696,4 @@ def append_token(store: KVStore, key: torch.Tensor, value: torch.Tensor, positio
     write_tokens(store, key, value, position)
     if lay.num_groups:
         ring_k, ring_v = store.keys["ring"], store.values["ring"]
-        _launch_store_groups(store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), position=position)
+        _launch_store_groups(store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), predicated=True)
