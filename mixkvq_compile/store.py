@@ -360,12 +360,15 @@ class KVStore:
             self.keys["query_abs_sum"].zero_()
             self.keys["query_count"].zero_()
 
-    def read(self, length: int, packed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, length: int, packed: int | None = None, rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys ``[B, H, length, D]`` and values ``[B, H, length, Dv]`` at positions < length.
 
         Sinks and residual tokens come back exactly; packed groups in float32 rounded to the model dtype.
         ``packed`` is the store's packed-group count when the caller knows it (saves a header read);
-        ``length`` must not end inside the packed groups.
+        ``length`` must not end inside the packed groups. ``rows``: only these batch rows (``B`` is then
+        the slice's length), to bound the memory of a long read.
         """
         lay = self.layout
         sinks = min(lay.sink_tokens, length)
@@ -381,13 +384,13 @@ class KVStore:
         ring_slots = (
             torch.arange(start, max(start, length), device=self.keys["ring"].device) - lay.sink_tokens
         ) % max(lay.window, 1)
-        parts_k = [self.keys["sink"][:, :, :sinks]]
-        parts_v = [self.values["sink"][:, :, :sinks]]
+        parts_k = [self.keys["sink"][rows, :, :sinks]]
+        parts_v = [self.values["sink"][rows, :, :sinks]]
         if groups:
-            parts_k.append(self._dequantize_key_groups(groups).to(lay.dtype))
-            parts_v.append(self._dequantize_value_groups(groups).to(lay.dtype))
-        parts_k.append(self.keys["ring"][:, :, ring_slots])
-        parts_v.append(self.values["ring"][:, :, ring_slots])
+            parts_k.append(self._dequantize_key_groups(groups, rows).to(lay.dtype))
+            parts_v.append(self._dequantize_value_groups(groups, rows).to(lay.dtype))
+        parts_k.append(self.keys["ring"][rows][:, :, ring_slots])
+        parts_v.append(self.values["ring"][rows][:, :, ring_slots])
         return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
 
     def accumulate_queries(self, query: torch.Tensor) -> None:
@@ -518,41 +521,41 @@ class KVStore:
         count = self.keys["query_count"].clamp(min=1.0)
         return self.keys["query_abs_sum"] / count[..., None]
 
-    def _dequantize_key_groups(self, count: int) -> torch.Tensor:
-        """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups."""
+    def _dequantize_key_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``)."""
         lay = self.layout
         parts = []
         for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):
             if channels == 0:
                 continue
             if bits == 16:
-                parts.append(self.keys[f"tier{tier}_values"][:, :, :count].float())
+                parts.append(self.keys[f"tier{tier}_values"][rows, :, :count].float())
             else:
                 parts.append(
                     reference.dequantize_groups(
-                        self.keys[f"tier{tier}_codes"][:, :, :count],
-                        self.keys[f"tier{tier}_qparams"][:, :, :count],
+                        self.keys[f"tier{tier}_codes"][rows, :, :count],
+                        self.keys[f"tier{tier}_qparams"][rows, :, :count],
                         bits,
                     )
                 )
         sorted_k = torch.cat(parts, dim=3)  # [B, H, n, D, G] in tier order
         if lay.mixed_keys:
-            order = self.keys["order"][:, :, :count].long()
+            order = self.keys["order"][rows, :, :count].long()
             k = torch.empty_like(sorted_k).scatter_(3, order.unsqueeze(-1).expand_as(sorted_k), sorted_k)
         else:
             k = sorted_k
         b, h, n, d, g = k.shape
         return k.transpose(-1, -2).reshape(b, h, n * g, d)
 
-    def _dequantize_value_groups(self, count: int) -> torch.Tensor:
-        """float32 values ``[B, H, count * G, Dv]`` of the first ``count`` packed groups."""
+    def _dequantize_value_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 values ``[B, H, count * G, Dv]`` of the first ``count`` packed groups (batch ``rows``)."""
         lay = self.layout
         if lay.value_bits == 16:
-            v = self.values["values"][:, :, :count].float()
+            v = self.values["values"][rows, :, :count].float()
         else:
-            codes = self.values["codes"][:, :, :count]
+            codes = self.values["codes"][rows, :, :count]
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, lay.value_dim // lay.value_group_size, -1)
-            v = reference.dequantize_groups(grouped, self.values["qparams"][:, :, :count], lay.value_bits)
+            v = reference.dequantize_groups(grouped, self.values["qparams"][rows, :, :count], lay.value_bits)
         b, h, n, g = v.shape[:4]
         return v.reshape(b, h, n * g, lay.value_dim)

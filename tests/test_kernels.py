@@ -405,16 +405,24 @@ def test_decode_step_without_host_reads_matches_reference(name, dtype):
         assert torch.equal(fresh.keys["query_count"], device.keys["query_count"])
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_long_chunk_after_prefix_matches_reference(masked):
-    """The CUDA path's chunked prefill (prefix dequantized once, then SDPA with a lower-right causal
-    mask or the model's mask) equals the reference path on the same store."""
+@pytest.mark.parametrize(
+    ("masked", "rows_per_read", "fused"),
+    [(False, None, False), (True, None, False), (True, 2, False), (True, None, True)],
+)
+def test_long_chunk_after_prefix_matches_reference(masked, rows_per_read, fused, monkeypatch):
+    """The CUDA path's chunked prefill equals the reference path on the same store: a chunk longer than
+    ``FUSED_MAX_QUERY`` dequantizes the prefix once and runs one SDPA per query-head offset (lower-right
+    causal mask or the model's mask; the batch in slices of ``rows_per_read``), a shorter one the fused
+    kernel."""
+    if rows_per_read is not None:
+        monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total: rows_per_read)
+    monkeypatch.setattr(ops, "FUSED_MAX_QUERY", 40 if fused else 39)  # the chunk has 40 tokens
     dtype = torch.float32
-    store = _store(MIX, dtype=dtype, tokens=90, chunks=(50,), seed=6)
+    store = _store(MIX, dtype=dtype, heads=2, tokens=90, chunks=(50,), seed=6)
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(3, 5, 40, 64, generator=gen).to(DEVICE)
-    k = torch.randn(3, 1, 40, 64, generator=gen).to(DEVICE)
-    v = torch.randn(3, 1, 40, 64, generator=gen).to(DEVICE)
+    q = torch.randn(3, 6, 40, 64, generator=gen).to(DEVICE)  # 3 query heads per KV head
+    k = torch.randn(3, 2, 40, 64, generator=gen).to(DEVICE)
+    v = torch.randn(3, 2, 40, 64, generator=gen).to(DEVICE)
     mask = None
     if masked:  # causal + left padding of row 1, as transformers builds it
         pos = torch.arange(160, device=DEVICE)
