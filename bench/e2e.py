@@ -15,10 +15,14 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   same with ``prefill_compiler="eager"`` (prompt graphs run as traced, not compiled by Inductor).
 With ``--prefill-chunk N`` the prompt (all but its last token) is written to the StaticCache N tokens per
 forward before generate() continues from it; the prefill time then covers those forwards.
-Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so
-the prefill cancels out. Weights do not change speed, so random weights measure the real cost. The
-byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth. Results go to
-stdout (a table) and, when ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
+Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so the
+prefill cancels out. ``--single-call`` (for the largest batch that fits, where every prefill of B x 32k
+tokens takes minutes) runs generate() once: the step time is the median interval between consecutive
+decode steps in its second half (a logits processor synchronizes and takes the time at every step, after
+the decode graph was compiled in the first steps); prefill and first-call times are then that call's
+time to the first token, compiles included. Weights do not change speed, so random weights measure the
+real cost. The byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth.
+Results go to stdout (a table) and, when ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
 """
 
 from __future__ import annotations
@@ -129,13 +133,54 @@ def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0):
     return time.perf_counter() - started, out
 
 
+class StepClock:
+    """A logits processor that synchronizes and records the time at every generated token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, float, object]:
+    """One generate(): (seconds to the first token, median decode step seconds, output)."""
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    kwargs = {"cache_implementation": "static"}
+    if chunk:
+        prefill_in_chunks(model, ids, cache, chunk)
+        kwargs = {"past_key_values": cache}
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([clock]),
+        **kwargs,
+    )
+    intervals = sorted(
+        b - a for a, b in zip(clock.times[new_tokens // 2 :], clock.times[new_tokens // 2 + 1 :])
+    )
+    return clock.times[0] - started, intervals[len(intervals) // 2], out
+
+
 def kv_bytes(cache) -> int:
     import mixkvq_compile
 
     return mixkvq_compile.memory_report(cache).held_bytes
 
 
-def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int) -> dict:
+def run(
+    model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int, single: bool
+) -> dict:
     import mixkvq_compile
 
     torch._dynamo.reset()
@@ -162,20 +207,25 @@ def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth
         from transformers import StaticCache
 
         cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
-    first, out = timed_generate(model, ids, new_tokens, cache, chunk)  # compiles prefill and decode
-    del out
-    # A second warm-up: in the smoke run of 2026-11-26 the 2nd call of the mixkvq methods took 2.4 to
-    # 8.7 s longer than the 3rd (more compiles for the graphs that take over once the cache exists).
-    timed_generate(model, ids, new_tokens, cache, chunk)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    prefill, out = timed_generate(model, ids, 1, cache, chunk)
-    del out
-    total, out = timed_generate(model, ids, new_tokens, cache, chunk)
+    if single:
+        torch.cuda.reset_peak_memory_stats()
+        prefill, step, out = single_call(model, ids, new_tokens, cache, chunk)
+        first = prefill
+    else:
+        first, out = timed_generate(model, ids, new_tokens, cache, chunk)  # compiles prefill and decode
+        del out
+        # A second warm-up: in the smoke run of 2026-11-26 the 2nd call of the mixkvq methods took 2.4
+        # to 8.7 s longer than the 3rd (more compiles for the graphs that take over once the cache exists).
+        timed_generate(model, ids, new_tokens, cache, chunk)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        prefill, out = timed_generate(model, ids, 1, cache, chunk)
+        del out
+        total, out = timed_generate(model, ids, new_tokens, cache, chunk)
+        step = (total - prefill) / (new_tokens - 1)
     peak = torch.cuda.max_memory_allocated()
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     held = kv_bytes(cache)
-    step = (total - prefill) / (new_tokens - 1)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     roofline = (weights + held) / bandwidth
     fp16_kv = 2 * model.config.num_hidden_layers * batch * 8 * (context + new_tokens) * 128 * 2
@@ -195,6 +245,7 @@ def run(model, method: str, batch: int, context: int, new_tokens: int, bandwidth
         "kv_vs_fp16": held / fp16_kv,
         "rewritten": mixkvq_compile.counters["attention_rewritten"],
         "prefill_chunk": chunk,
+        "single_call": single,
     }
     del out, cache
     model.forward = eager_forward
@@ -214,6 +265,9 @@ def main() -> None:
     parser.add_argument(
         "--prefill-chunk", type=int, default=0, help="prompt tokens per forward (0: one forward in generate)"
     )
+    parser.add_argument(
+        "--single-call", action="store_true", help="one generate() per point (largest-batch probes)"
+    )
     args = parser.parse_args()
 
     from transformers import AttentionInterface
@@ -231,11 +285,19 @@ def main() -> None:
             for method in args.methods.split(","):
                 try:
                     result = run(
-                        model, method, batch, context, args.new_tokens, bandwidth, args.prefill_chunk
+                        model,
+                        method,
+                        batch,
+                        context,
+                        args.new_tokens,
+                        bandwidth,
+                        args.prefill_chunk,
+                        args.single_call,
                     )
                 except torch.OutOfMemoryError:
                     result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
                     model.forward = model.__class__.forward.__get__(model)
+                    torch._dynamo.reset()
                     torch.cuda.empty_cache()
                 print(json.dumps(result), flush=True)
                 results.append(result)
