@@ -608,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_from=args.score_from,
         compiler=args.compiler,
     )
+    (out / "log.txt").write_text("")  # this run's log only
     log = lambda line: _log(line, out / "log.txt")  # noqa: E731
     if args.jobs <= 1:
         results = evaluate(model, ids, cases, progress=not args.no_progress, log=log, **settings)
