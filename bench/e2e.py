@@ -111,7 +111,7 @@ def prefill_in_chunks(model, ids, cache, chunk: int):
             )
 
 
-def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0):
+def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0, logits_processor=None):
     """Seconds for a prefill plus ``new_tokens`` greedy tokens; the prompt goes in one forward inside
     generate(), or (``chunk`` > 0) in chunks into ``cache`` before generate() continues from it."""
     torch.cuda.synchronize()
@@ -127,6 +127,7 @@ def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0):
         min_new_tokens=new_tokens,
         do_sample=False,
         return_dict_in_generate=True,
+        logits_processor=logits_processor,
         **kwargs,
     )
     torch.cuda.synchronize()
@@ -152,20 +153,7 @@ def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, 
     clock = StepClock()
     torch.cuda.synchronize()
     started = time.perf_counter()
-    kwargs = {"cache_implementation": "static"}
-    if chunk:
-        prefill_in_chunks(model, ids, cache, chunk)
-        kwargs = {"past_key_values": cache}
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        logits_processor=LogitsProcessorList([clock]),
-        **kwargs,
-    )
+    _, out = timed_generate(model, ids, new_tokens, cache, chunk, LogitsProcessorList([clock]))
     intervals = sorted(
         b - a for a, b in zip(clock.times[new_tokens // 2 :], clock.times[new_tokens // 2 + 1 :])
     )

@@ -94,8 +94,7 @@ def kv_attention(
     if start == 0:
         store.reset()
         length = packed = 0
-    # A rewind into the sinks repacks every group (``StoreLayout.plan_write``).
-    packed_before = 0 if start < store.layout.sink_tokens else packed
+    packed_before = lay.packed_kept(start, packed)
     end = start + query.shape[2]
     if end > lay.capacity:
         raise ValueError(

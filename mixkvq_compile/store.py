@@ -157,6 +157,11 @@ class StoreLayout:
             return packed
         return min(packed + max(0, fp - self.keep(fp)) // self.group_size, self.num_groups)
 
+    def packed_kept(self, position: int, packed: int) -> int:
+        """Of ``packed`` packed groups, those before ``position``: all of them, or none when
+        ``position`` lies in the sinks (a write there rewinds past every group and repacks them)."""
+        return 0 if position < self.sink_tokens else packed
+
     def flushed_groups(self, length: int) -> int:
         """Packed groups once ``length`` tokens are written into an empty store in one write (with
         ``rpc_ratio = 0``, after any sequence of writes that ends at ``length``)."""
@@ -184,7 +189,7 @@ class StoreLayout:
                 f"mixkvq store: {end} tokens exceed the cache capacity of {self.capacity} "
                 "(max_cache_len); allocate a larger cache"
             )
-        old_groups = 0 if start < self.sink_tokens else packed
+        old_groups = self.packed_kept(start, packed)
         return WritePlan(
             end,
             old_groups,
@@ -372,7 +377,7 @@ class KVStore:
         """
         lay = self.layout
         sinks = min(lay.sink_tokens, length)
-        groups = self.packed_groups if packed is None else packed
+        groups = lay.packed_kept(length, self.packed_groups if packed is None else packed)
         if length < lay.sink_tokens + groups * lay.group_size:
             if length > lay.sink_tokens:
                 raise ValueError(
