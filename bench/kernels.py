@@ -84,9 +84,12 @@ def random_store(config, batch: int, ctx: int) -> KVStore:
                 continue
             if t.dtype == torch.uint8 and name != "order":
                 t.random_(0, 256)
+            elif t.dtype == torch.int16:  # planar codes
+                t.random_(-(1 << 15), 1 << 15)
             elif name.endswith("qparams"):
-                t[..., 0].uniform_(0.01, 0.1)
-                t[..., 1].uniform_(-1.0, 0.0)
+                pair = t.movedim(3, -1) if lay.planar else t  # (scale, zero) on dim 3 in planar stores
+                pair[..., 0].uniform_(0.01, 0.1)
+                pair[..., 1].uniform_(-1.0, 0.0)
             elif t.is_floating_point():
                 t.normal_()
     if lay.mixed_keys:
@@ -98,6 +101,13 @@ def random_store(config, batch: int, ctx: int) -> KVStore:
         store.keys["query_count"].fill_(1.0)
     store.set_length(ctx)
     return store
+
+
+def decode_splits(store: KVStore, batch: int, packed: int) -> int:
+    """The split count ``decode_attention`` picks by default for a one-token query (planar stores)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bh = batch * HKV
+    return max(1, min(8 * sms // bh, triton.cdiv(packed, 4)))
 
 
 def bytes_read(store: KVStore, length: int) -> int:
@@ -191,18 +201,24 @@ def main() -> None:
             # Tuning sweep (same run): warps and splits.
             sweep = {}
             if (batch, ctx) in ((8, 32768), (1, 131072)):
-                for warps in (2, 4):
-                    for stages in (2, 3):
-                        for gather in (False, True):
+                # Planar stores: one-warp programs, splits around 8 per SM; default layout: warps, gather.
+                planar = store.layout.planar
+                for warps in (1, 2) if planar else (2, 4):
+                    for stages in (2, 3, 4) if planar else (2, 3):
+                        for third in (0.5, 1.0, 2.0) if planar else (False, True):
+                            kw = dict(num_warps=warps, num_stages=stages)
+                            if planar:
+                                default = decode_splits(store, batch, packed)
+                                kw["num_splits"] = max(1, int(default * third))
+                                key = f"w{warps}_st{stages}_splits{kw['num_splits']}"
+                            else:
+                                kw["gather"] = third
+                                key = f"w{warps}_st{stages}_g{int(third)}"
 
-                            def variant(
-                                w=warps, st=stages, g=gather, q=q, store=store, ctx=ctx, packed=packed
-                            ):
-                                return decode_attention(
-                                    q, store, ctx, num_warps=w, num_stages=st, gather=g, packed=packed
-                                )
+                            def variant(kw=kw, q=q, store=store, ctx=ctx, packed=packed):
+                                return decode_attention(q, store, ctx, packed=packed, **kw)
 
-                            sweep[f"w{warps}_st{stages}_g{int(gather)}"] = bench_graph(variant)
+                            sweep[key] = bench_graph(variant)
             # One-token append: no flush, and a step that flushes a group.
             lay = store.layout
             tk = torch.randn(batch, HKV, 1, D, dtype=DTYPE, device="cuda")
@@ -349,9 +365,10 @@ def main() -> None:
 def compiler_report() -> None:
     """Registers, spills and shared memory of every compiled decode/quantize kernel variant."""
     from mixkvq_compile.kernels import decode_attention as da
+    from mixkvq_compile.kernels import planar_attention as pa
     from mixkvq_compile.kernels import quantize as qz
 
-    for fn in (da._attn_split_kernel, da._combine_kernel, qz._store_groups_kernel):
+    for fn in (da._attn_split_kernel, pa.planar_split_kernel, da._combine_kernel, qz._store_groups_kernel):
         try:
             for cache in fn.device_caches.values():
                 for kernel in cache[0].values():
@@ -365,13 +382,13 @@ def compiler_report() -> None:
     out_dir = os.environ.get("OUT")
     if out_dir:  # assembly of the decode kernel variants, for reading off the device
         try:
-            for cache in da._attn_split_kernel.device_caches.values():
+            for cache in pa.planar_split_kernel.device_caches.values():
                 for n, kernel in enumerate(
                     list(cache[0].values())[:2]
                 ):  # few files: $OUT returns a limited count
                     for kind in ("ptx", "sass"):
                         if kind in kernel.asm:
-                            with open(os.path.join(out_dir, f"attn_{n}.{kind}"), "w") as f:
+                            with open(os.path.join(out_dir, f"planar_{n}.{kind}"), "w") as f:
                                 f.write(str(kernel.asm[kind]))
         except Exception as error:  # noqa: BLE001
             print(f"no assembly dump ({type(error).__name__}: {error})")

@@ -7,6 +7,9 @@ Conventions (shared with the Triton kernels):
   step from its reconstruction.
 - Packing puts ``8 // bits`` codes in each uint8 along the last dimension, element ``i`` of a byte at
   bit offset ``(i % (8 // bits)) * bits`` (little-endian within the byte).
+- *Planar* packing (2-bit codes only, the layout of uniform 2-bit stores, see ``store.py``) puts 8
+  codes in each int16 word: of ``N`` codes, word ``j`` holds code ``j + f * N / 8`` in bits ``2f, 2f+1``
+  (``f = 0..7``), so every bit field of a row of words is a contiguous run of ``N / 8`` codes.
 """
 
 from __future__ import annotations
@@ -68,6 +71,24 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
     return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def pack_planar(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 2-bit uint8 codes ``[..., N]`` (N divisible by 8) into int16 words ``[..., N // 8]``."""
+    n = codes.shape[-1]
+    if n % 8:
+        raise ValueError(f"pack_planar: last dim {n} is not a multiple of 8")
+    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], 8, n // 8)
+    shifts = (torch.arange(8, device=codes.device, dtype=torch.int32) * 2).view(8, 1)
+    words = (fields << shifts).sum(dim=-2)
+    return torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+
+
+def unpack_planar(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_planar``: int16 ``[..., M]`` to uint8 codes ``[..., 8 * M]``."""
+    shifts = (torch.arange(8, device=words.device, dtype=torch.int32) * 2).view(8, 1)
+    fields = (words.to(torch.int32).unsqueeze(-2) >> shifts) & 3
+    return fields.reshape(*words.shape[:-1], -1).to(torch.uint8)
 
 
 def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

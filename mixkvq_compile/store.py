@@ -21,7 +21,15 @@ Key group layout (per batch row ``b``, KV head ``h``, group ``g``): ``order[b, h
 permutation of the ``D`` channels, high tier first, then mid, then low (each ascending). Tier
 ``t`` with ``c_t`` channels stores ``[c_t, G]`` full-precision values (16-bit tier) or packed codes
 ``[c_t, G * bits // 8]`` plus float16 ``(scale, zero)`` per channel. With a single non-empty tier the
-order is the identity and is not stored.
+order is the identity and is not stored. Values store codes ``[G, Dv * bits // 8]`` and float16
+``(scale, zero)`` per (token, ``value_group_size`` channels).
+
+Planar layout (``StoreLayout.planar``: uniform 2-bit keys and 2-bit values, float16/bfloat16, head
+dims 128 or 256): the same codes and (scale, zero), ordered for the decode kernel's tensor cores.
+Codes are int16 words of 8 two-bit fields (``reference.pack_planar``), packed along channels: keys
+``[G, D / 8]`` per group (token-major), values ``[Dv / 8, G]`` (tokens contiguous); key qparams
+``[2, D]`` (scales, then zeros) and value qparams ``[2, Dv / value_group_size, G]``. Same bytes as the
+default layout.
 """
 
 from __future__ import annotations
@@ -146,6 +154,25 @@ class StoreLayout:
         """True when more than one key tier is non-empty (a per-group channel order is stored)."""
         return sum(c > 0 for c in self.key_channels) > 1
 
+    @property
+    def planar(self) -> bool:
+        """True when groups use the planar code layout (module docstring): one 2-bit key tier, 2-bit
+        values, a float16/bfloat16 store, head dims 128 or 256, groups of >= 16 tokens and value groups
+        that are whole multiples of ``Dv / 8`` channels (at most 16 of them per token)."""
+        fields_k, fields_v = self.head_dim // 8, self.value_dim // 8
+        return (
+            not self.mixed_keys
+            and self.key_bits[[c > 0 for c in self.key_channels].index(True)] == 2
+            and self.value_bits == 2
+            and self.dtype in (torch.float16, torch.bfloat16)
+            and self.head_dim in (128, 256)
+            and self.value_dim in (128, 256)
+            and self.group_size >= 16
+            and self.value_group_size % fields_v == 0
+            and self.value_dim // self.value_group_size <= 16
+            and fields_k >= 16
+        )
+
     def keep(self, fp_tokens: int) -> int:
         """Full-precision tokens kept of ``fp_tokens``: ``max(R, floor(r * F))`` (integer arithmetic)."""
         return max(self.residual_length, self.rpc_permille * fp_tokens // 1000)
@@ -212,6 +239,9 @@ class StoreLayout:
                 continue
             if bits == 16:
                 regions[f"tier{tier}_values"] = ((b, h, ng, channels, g), self.dtype)
+            elif self.planar:
+                regions[f"tier{tier}_codes"] = ((b, h, ng, g, d // 8), torch.int16)
+                regions[f"tier{tier}_qparams"] = ((b, h, ng, 2, d), torch.float16)
             else:
                 regions[f"tier{tier}_codes"] = ((b, h, ng, channels, g * bits // 8), torch.uint8)
                 regions[f"tier{tier}_qparams"] = ((b, h, ng, channels, 2), torch.float16)
@@ -230,6 +260,9 @@ class StoreLayout:
         }
         if self.value_bits == 16:
             regions["values"] = ((b, h, ng, g, dv), self.dtype)
+        elif self.planar:
+            regions["codes"] = ((b, h, ng, dv // 8, g), torch.int16)
+            regions["qparams"] = ((b, h, ng, 2, dv // self.value_group_size, g), torch.float16)
         else:
             regions["codes"] = ((b, h, ng, g, dv * self.value_bits // 8), torch.uint8)
             regions["qparams"] = ((b, h, ng, g, dv // self.value_group_size, 2), torch.float16)
@@ -472,6 +505,11 @@ class KVStore:
             offset += channels
             if bits == 16:
                 self.keys[f"tier{tier}_values"][:, :, groups] = part.to(lay.dtype)
+            elif lay.planar:
+                scale, zero = reference.choose_qparams(part.amin(dim=-1), part.amax(dim=-1), bits)
+                codes = reference.quantize(part, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+                self.keys[f"tier{tier}_codes"][:, :, groups] = reference.pack_planar(codes.transpose(-1, -2))
+                self.keys[f"tier{tier}_qparams"][:, :, groups] = torch.stack([scale, zero], dim=3)
             else:
                 codes, qparams = reference.quantize_groups(part, bits)
                 self.keys[f"tier{tier}_codes"][:, :, groups] = codes
@@ -479,6 +517,13 @@ class KVStore:
         v = value.reshape(b, h, count, g, lay.value_dim)
         if lay.value_bits == 16:
             self.values["values"][:, :, groups] = v.to(lay.dtype)
+        elif lay.planar:
+            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
+            scale, zero = reference.choose_qparams(grouped.amin(dim=-1), grouped.amax(dim=-1), lay.value_bits)
+            codes = reference.quantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), lay.value_bits)
+            words = reference.pack_planar(codes.reshape(b, h, count, g, lay.value_dim))
+            self.values["codes"][:, :, groups] = words.transpose(-1, -2)
+            self.values["qparams"][:, :, groups] = torch.stack([scale, zero], dim=3).transpose(-1, -2)
         else:
             grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
             codes, qparams = reference.quantize_groups(grouped, lay.value_bits)
@@ -529,6 +574,12 @@ class KVStore:
     def _dequantize_key_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
         """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``)."""
         lay = self.layout
+        if lay.planar:
+            tier = [c > 0 for c in lay.key_channels].index(True)
+            codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, :count])  # [B,H,n,G,D]
+            qparams = self.keys[f"tier{tier}_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
+            k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])
+            return k.reshape(k.shape[0], k.shape[1], -1, lay.head_dim)
         parts = []
         for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):
             if channels == 0:
@@ -557,6 +608,12 @@ class KVStore:
         lay = self.layout
         if lay.value_bits == 16:
             v = self.values["values"][rows, :, :count].float()
+        elif lay.planar:
+            codes = reference.unpack_planar(self.values["codes"][rows, :, :count].transpose(-1, -2))
+            b, h, n, g, _ = codes.shape
+            grouped = codes.reshape(b, h, n, g, -1, lay.value_group_size)  # [B, H, n, G, NVG, VGS]
+            qparams = self.values["qparams"][rows, :, :count].transpose(-1, -2)  # [B, H, n, 2, G, NVG]
+            v = reference.dequantize(grouped, qparams[:, :, :, 0, ..., None], qparams[:, :, :, 1, ..., None])
         else:
             codes = self.values["codes"][rows, :, :count]
             b, h, n, g, _ = codes.shape

@@ -350,31 +350,33 @@ def test_bulk_flush_ranks_channels_in_kernel(name):
 
 
 @pytest.mark.parametrize(
-    "name,dtype",
+    "name,dtype,head_dim",
     [
-        ("mix", torch.bfloat16),
-        ("kivi2", torch.float16),
-        ("mix_sinks_v4", torch.float16),
-        ("mix_rpc_sinks", torch.float16),
+        ("mix", torch.bfloat16, 64),
+        ("kivi2", torch.float16, 64),
+        ("kivi2", torch.bfloat16, 128),  # planar layout
+        ("mix_sinks_v4", torch.float16, 64),
+        ("mix_rpc_sinks", torch.float16, 64),
     ],
 )
-def test_decode_step_without_host_reads_matches_reference(name, dtype):
+def test_decode_step_without_host_reads_matches_reference(name, dtype, head_dim):
     """``ops.decode_step`` (the CUDA-graph path: position, flush and ranking on the device) against the
     host path (reference attention + ``KVStore.append``) over steps that cross group flushes: the same
     outputs within the dtype's tolerance and the same store, bit for bit, query statistics included."""
     config = _small_window(CONFIGS[name])
-    lay = StoreLayout.create(config, 2, 1, 160, 64, 64, dtype)
+    lay = StoreLayout.create(config, 2, 1, 160, head_dim, head_dim, dtype)
     host, device = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
     gen = torch.Generator().manual_seed(5)
-    k = (torch.randn(2, 1, 140, 64, generator=gen) * 2).to(dtype).to(DEVICE)
-    v = torch.randn(2, 1, 140, 64, generator=gen).to(dtype).to(DEVICE)
-    q = torch.randn(2, 5, 140, 64, generator=gen).to(dtype).to(DEVICE)
+    k = (torch.randn(2, 1, 140, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    v = torch.randn(2, 1, 140, head_dim, generator=gen).to(dtype).to(DEVICE)
+    q = torch.randn(2, 5, 140, head_dim, generator=gen).to(dtype).to(DEVICE)
     for st in (host, device):
         st.accumulate_queries(q[:, :, :90])
         st.append(k[:, :, :90], v[:, :, :90], 0)
     mask = torch.ones(2, 1, 1, 160, dtype=torch.bool, device=DEVICE)
     mask[1, ..., :7] = False  # a left-padded row
-    scale = 0.7 / 64**0.5
+    scale = 0.7 / head_dim**0.5
+    assert lay.planar == (head_dim == 128)
     flushes = []
     # Writes that pack a group: 95 (98 with 3 sinks); with RPC (r = 0.3, 2 sinks, 88 full-precision
     # tokens after the prompt, 56 after its flush) 90 (F = 57, keep 17) and 110 (F = 45, keep 13).
@@ -433,6 +435,97 @@ def test_long_chunk_after_prefix_matches_reference(masked, rows_per_read, fused,
     out = ops._attend_with_kernels(q, k, v, store, 90, packed, mask, scale, not masked)
     ref = ops._attend_with_reference(q, k, v, store, 90, packed, 130, mask, scale, not masked)
     assert _rel(out, ref.float()) < TOL[dtype]
+
+
+PLANAR = dataclasses.replace(PRESETS["kivi2"], residual_length=32, group_size=32, sink_tokens=2)
+
+
+def _planar_store(head_dim, dtype, batch=2, heads=2, tokens=170, k_scale=2.0, v_scale=1.0, seed=8):
+    """A planar store (uniform 2-bit keys and values) written by the kernels, with the tokens written."""
+    lay = StoreLayout.create(PLANAR, batch, heads, 200, head_dim, head_dim, dtype)
+    assert lay.planar
+    store = KVStore.open(lay, *allocate(lay, DEVICE))
+    gen = torch.Generator().manual_seed(seed)
+    k = (torch.randn(batch, heads, tokens, head_dim, generator=gen) * k_scale).to(dtype).to(DEVICE)
+    v = (torch.randn(batch, heads, tokens, head_dim, generator=gen) * v_scale).to(dtype).to(DEVICE)
+    for start, end in ((0, 77), (77, tokens)):
+        qkern.append(store, k[:, :, start:end], v[:, :, start:end], start)
+    return store, k, v
+
+
+@pytest.mark.parametrize(
+    "head_dim,dtype", [(128, torch.float16), (128, torch.bfloat16), (256, torch.float16)]
+)
+def test_planar_append_bit_exact_and_dequantizes_like_reference(head_dim, dtype):
+    """Planar stores: the kernels write the same bytes as ``KVStore.append`` (bulk, mixed and one-token
+    writes across flushes), and ``read`` gives ``reference.quantize_groups``'s reconstruction (keys per
+    channel over 32 tokens, values per token over 32 channels) of the written tokens."""
+    lay = StoreLayout.create(PLANAR, 2, 2, 200, head_dim, head_dim, dtype)
+    assert lay.planar and lay.key_channels == (0, 0, head_dim)
+    stores = [KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(head_dim)
+    k = (torch.randn(2, 2, 170, head_dim, generator=gen) * 3).to(dtype).to(DEVICE)
+    v = torch.randn(2, 2, 170, head_dim, generator=gen).to(dtype).to(DEVICE)
+    for start, end in ((0, 77), (77, 130), (130, 131), (131, 139), (139, 140), (140, 170)):
+        stores[0].append(k[:, :, start:end], v[:, :, start:end], start)
+        qkern.append(stores[1], k[:, :, start:end], v[:, :, start:end], start)
+        _stores_equal(stores[0], stores[1], end)
+    n = stores[0].packed_groups
+    assert n == (170 - 2 - 32) // 32
+    got_k, got_v = stores[1].read(170)
+    packed = slice(2, 2 + n * 32)
+    kg = k[:, :, packed].float().reshape(2, 2, n, 32, head_dim).transpose(-1, -2)
+    want_k = reference.dequantize_groups(*reference.quantize_groups(kg, 2), 2).transpose(-1, -2)
+    assert torch.equal(got_k[:, :, packed], want_k.reshape(2, 2, n * 32, head_dim).to(dtype))
+    vg = v[:, :, packed].float().reshape(2, 2, n * 32, head_dim // 32, 32)
+    want_v = reference.dequantize_groups(*reference.quantize_groups(vg, 2), 2)
+    assert torch.equal(got_v[:, :, packed], want_v.reshape(2, 2, n * 32, head_dim).to(dtype))
+
+
+@pytest.mark.parametrize(
+    "head_dim,dtype,query_dtype",
+    [
+        (128, torch.float16, torch.float16),
+        (128, torch.bfloat16, torch.bfloat16),
+        (256, torch.float16, torch.float16),
+        (128, torch.float16, torch.float32),
+    ],
+)
+def test_planar_decode_tensor_length_and_masked_groups(head_dim, dtype, query_dtype):
+    """The planar packed-group kernel (float16 tensor-core operands whatever the query dtype) against
+    the float32 reference: length read on the device, 3 query heads per KV head, a left-padding mask
+    that hides a whole packed group of one row and part of a group of another."""
+    store, _, _ = _planar_store(head_dim, dtype)
+    assert store.packed_groups == 4
+    query = torch.randn(2, 6, 1, head_dim, dtype=query_dtype, device=DEVICE)
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., :40] = False  # sinks + group 0 + part of group 1
+    mask[1, ..., :5] = False
+    out, ref = _run(query, store, torch.tensor([170], device=DEVICE), mask=mask, num_splits=3)
+    tol = TOL[torch.float16] if query_dtype == torch.float32 else TOL[query_dtype]  # float16 operands
+    assert _rel(out, ref) < tol
+
+
+def test_planar_decode_query_chunk_additive_mask_and_new_tokens():
+    """Four causal queries with an additive mask and 4 new full-precision tokens, over a planar store."""
+    store, _, _ = _planar_store(128, torch.float16, seed=9)
+    query = torch.randn(2, 4, 4, 128, dtype=torch.float16, device=DEVICE)
+    new = (
+        torch.randn(2, 2, 4, 128, dtype=torch.float16, device=DEVICE),
+        torch.randn(2, 2, 4, 128, dtype=torch.float16, device=DEVICE),
+    )
+    mask = torch.randn(2, 1, 4, 174, device=DEVICE).to(torch.float16)
+    out, ref = _run(query, store, 170, mask=mask, new=new, num_splits=2)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_planar_decode_large_magnitudes_stay_finite():
+    """bfloat16 keys of magnitude ~600 and queries ~100: ``q * scale`` exceeds float16's range unless
+    the query is scaled down first (QSCALE); the output stays finite and close to the reference."""
+    store, _, _ = _planar_store(128, torch.bfloat16, k_scale=600.0, v_scale=50.0, seed=10)
+    query = (torch.randn(2, 4, 1, 128, device=DEVICE) * 100).to(torch.bfloat16)
+    out, ref = _run(query, store, 170, num_splits=2)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
 
 
 @gpu_only

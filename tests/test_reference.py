@@ -22,6 +22,19 @@ def test_pack_unpack_round_trip_is_exact(bits, lead, groups, seed):
     assert torch.equal(reference.unpack(packed, bits), codes)
 
 
+@given(lead=shapes, words=st.integers(1, 9), seed=st.integers(0, 2**31))
+def test_planar_pack_puts_each_run_of_codes_in_one_bit_field(lead, words, seed):
+    """``pack_planar``: bit field f of word j holds code ``j + f * N / 8``; ``unpack_planar`` inverts it."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (*lead, 8 * words), generator=generator).to(torch.uint8)
+    packed = reference.pack_planar(codes)
+    assert packed.shape == (*lead, words) and packed.dtype == torch.int16
+    as_int = packed.to(torch.int32) & 0xFFFF
+    for field in range(8):
+        assert torch.equal((as_int >> (2 * field)) & 3, codes[..., field * words : (field + 1) * words].int())
+    assert torch.equal(reference.unpack_planar(packed), codes)
+
+
 @given(
     bits=st.sampled_from([2, 4]),
     lead=shapes,

@@ -93,6 +93,34 @@ def test_salience_promotes_channels_with_large_queries_and_range():
     assert torch.equal(k[..., 7], keys[..., 7])  # 16-bit tier is exact
 
 
+def test_planar_layout_only_where_the_planar_kernel_applies():
+    """Uniform 2-bit keys and values in float16/bfloat16 at head_dim 128/256 use the planar layout, with
+    the same bytes as the default layout; anything else keeps the default layout."""
+    kivi2 = PRESETS["kivi2"]
+
+    def planar(config=kivi2, head_dim=128, dtype=torch.float16):
+        return StoreLayout.create(config, 2, 2, 512, head_dim, head_dim, dtype).planar
+
+    assert planar() and planar(head_dim=256) and planar(dtype=torch.bfloat16)
+    assert not planar(head_dim=64)  # 8 channels per bit field: too few for a tensor-core operand
+    assert not planar(dtype=torch.float32)
+    assert not planar(PRESETS["mixkvq"]) and not planar(PRESETS["kivi4"])
+    assert not planar(dataclasses.replace(kivi2, value_group_size=8))  # a field spans two value groups
+    assert not planar(dataclasses.replace(kivi2, group_size=8))
+    lay = StoreLayout.create(kivi2, 2, 2, 512, 128, 128, torch.float16)
+
+    def nbytes(regions, name):
+        shape, dtype = regions[name]
+        return math.prod(shape) * dtype.itemsize
+
+    codes = 2 * 2 * lay.num_groups * 32 * 128 * 2 // 8  # 2 bits per element
+    assert nbytes(lay.key_regions(), "tier2_codes") == nbytes(lay.value_regions(), "codes") == codes
+    assert nbytes(lay.key_regions(), "tier2_qparams") == 2 * 2 * lay.num_groups * 128 * 2 * 2  # per channel
+    assert (
+        nbytes(lay.value_regions(), "qparams") == 2 * 2 * lay.num_groups * 32 * 4 * 2 * 2
+    )  # per token, group
+
+
 def test_store_errors_are_clear():
     _, _, _, store = make_store(dataclasses.replace(PRESETS["kivi2"], residual_length=32), capacity=100)
     kv = torch.randn(2, 3, 101, 64)

@@ -19,6 +19,7 @@ __all__ = [
     "layout_constexprs",
     "next_pow2",
     "num_sms",
+    "scores_mask",
     "store_arguments",
     "tl",
     "triton",
@@ -105,3 +106,31 @@ def unpack_codes(byt, ROWS: tl.constexpr, NBYTES: tl.constexpr, BITS: tl.constex
     else:
         codes = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return codes
+
+
+@triton.jit
+def scores_mask(
+    s,
+    pos,
+    ok,
+    row_ok,
+    qpos,
+    mask_ptr,
+    mask_row,
+    smk,
+    qk_scale,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """Scaled base-2 scores with invalid, causal and attention-mask entries set to -inf."""
+    s = s * qk_scale
+    keep = ok[None, :] & row_ok[:, None]
+    if IS_CAUSAL:
+        keep = keep & (pos[None, :] <= qpos[:, None])
+    if MASK_KIND == 1:
+        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0)
+        keep = keep & (mv != 0)
+    elif MASK_KIND == 2:
+        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0.0)
+        s = s + mv.to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))

@@ -30,11 +30,13 @@ from ._runtime import (
     layout_constexprs,
     next_pow2,
     num_sms,
+    scores_mask,
     store_arguments,
     tl,
     triton,
     unpack_codes,
 )
+from .planar_attention import planar_split_kernel
 
 __all__ = ["decode_attention"]
 
@@ -57,34 +59,6 @@ def _cast(x, dtype_ptr, UPCAST: tl.constexpr):
     if UPCAST:
         y = y.to(tl.float32)
     return y
-
-
-@triton.jit
-def _scores_mask(
-    s,
-    pos,
-    ok,
-    row_ok,
-    qpos,
-    mask_ptr,
-    mask_row,
-    smk,
-    qk_scale,
-    MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-):
-    """Scaled base-2 scores with invalid, causal and attention-mask entries set to -inf."""
-    s = s * qk_scale
-    keep = ok[None, :] & row_ok[:, None]
-    if IS_CAUSAL:
-        keep = keep & (pos[None, :] <= qpos[:, None])
-    if MASK_KIND == 1:
-        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0)
-        keep = keep & (mv != 0)
-    elif MASK_KIND == 2:
-        mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0.0)
-        s = s + mv.to(tl.float32) * 1.4426950408889634
-    return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
@@ -460,7 +434,7 @@ def _attn_split_kernel(
                     DQ,
                 )
             pos = S + grp * G + tok
-            s = _scores_mask(
+            s = scores_mask(
                 s, pos, tok < G, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
             )
             v = _value_tile(
@@ -503,9 +477,7 @@ def _attn_split_kernel(
                 tl.load(kring_ptr + ring_off, mask=(ok & ~is_sink)[:, None], other=0.0),
             )
             s = _mm(q_full, tl.trans(_cast(k.to(tl.float32), q_ptr, UPCAST)), True, PREC)
-            s = _scores_mask(
-                s, pos, ok, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
-            )
+            s = scores_mask(s, pos, ok, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL)
             vs_off = bh64 * (S * DV) + sink_row[:, None] * DV + dv[None, :]
             vr_off = bh64 * (W * DV) + slot[:, None] * DV + dv[None, :]
             v = tl.where(
@@ -532,7 +504,7 @@ def _attn_split_kernel(
                 )
                 k = _cast(_cast(k.to(tl.float32), kring_ptr, UPCAST), q_ptr, UPCAST)
                 s = _mm(q_full, tl.trans(k), True, PREC)
-                s = _scores_mask(
+                s = scores_mask(
                     s, length + j, ok, row_ok, qpos, mask_ptr, mask_row, smk, qk_scale, MASK_KIND, IS_CAUSAL
                 )
                 v = tl.load(
@@ -662,7 +634,8 @@ def decode_attention(
         num_splits, block_m, num_warps, num_stages, fp_stages: tuning (splits over the packed groups;
             query rows per program; warps per program; software-pipelining depth of the packed-group
             loop and of the full-precision loop); ``gather`` unpacks codes with one byte load per code
-            instead of a vector load plus an in-register reshape.
+            instead of a vector load plus an in-register reshape (default layout only; planar stores,
+            ``StoreLayout.planar``, take ``planar_attention.planar_split_kernel`` for the packed groups).
         packed: the store's packed-group count when ``length`` is an int and the caller knows it
             (default: read from the store's header, a device sync on CUDA); with a tensor length the
             kernel reads it from the header.
@@ -729,7 +702,11 @@ def decode_attention(
         max_groups = packed
     if num_splits is None:
         if device.type == "cuda":
-            target = 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            # Planar groups: one-warp programs, about 8 of them resident per SM (measured best, H200).
+            per_sm = 8 if lay.planar else 4
+            target = per_sm * num_sms(
+                device.index if device.index is not None else torch.cuda.current_device()
+            )
         else:
             target = 2 * bh * q_blocks
         num_splits = max(1, target // (bh * q_blocks))
@@ -835,7 +812,47 @@ def decode_attention(
         # float16 query and store: dequantize in float16 (paired HFMA2); otherwise float32.
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
-    if num_splits:
+    if num_splits and lay.planar:
+        codes, qparams = next((data, qp) for data, qp, channels, _, _ in tiers if channels)
+        planar_split_kernel[(bh, num_splits, q_blocks)](
+            query,
+            *query.stride(),
+            codes,
+            qparams,
+            vdata,
+            vq,
+            mask_t,
+            *mstrides[:3],
+            mstrides[3],
+            part_acc,
+            part_ml,
+            length_ptr if from_ptr else part_ml,
+            keys["header"],
+            length_val,
+            packed,
+            new_len,
+            scale * LOG2E,
+            groups_per_split,
+            num_splits,
+            H=lay.heads,
+            N_REP=n_rep,
+            LQ=lq,
+            M=rows,
+            BLOCK_M=block_m,
+            D=d,
+            DV=lay.value_dim,
+            G=lay.group_size,
+            S=lay.sink_tokens,
+            NG=lay.num_groups,
+            VGS=lay.value_group_size,
+            MASK_KIND=mask_kind,
+            IS_CAUSAL=bool(causal),
+            LENGTH_FROM_PTR=from_ptr,
+            INTERP=interpreting(),
+            num_warps=num_warps or max(1, block_m // 16),
+            num_stages=num_stages,
+        )
+    elif num_splits:
         _attn_split_kernel[(bh, num_splits, q_blocks)](
             *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages
         )

@@ -43,18 +43,32 @@ def _qparams(xmin, xmax, BITS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_pack(x, sc16, z16, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """float32 ``x [ROWS, N]``, per-row float16 (scale, zero) -> packed uint8 ``[ROWS, N * BITS // 8]``."""
-    PER_BYTE: tl.constexpr = 8 // BITS
+def _quantize_codes(x, sc16, z16, BITS: tl.constexpr):
+    """int32 codes of float32 ``x [ROWS, N]`` with per-row float16 (scale, zero) ``[ROWS]``."""
     MAXC: tl.constexpr = (1 << BITS) - 1
     sc = sc16.to(tl.float32)
     inv = tl.where(sc > 0, tl.math.div_rn(tl.full(sc.shape, 1.0, tl.float32), tl.where(sc > 0, sc, 1.0)), 0.0)
     y = (x - z16.to(tl.float32)[:, None]) * inv[:, None]
     y = tl.minimum(tl.maximum(y, 0.0), MAXC * 1.0)
-    codes = ((y + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even
-    codes = tl.reshape(codes, (ROWS, N // PER_BYTE, PER_BYTE))
+    return ((y + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even
+
+
+@triton.jit
+def _quantize_pack(x, sc16, z16, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """float32 ``x [ROWS, N]``, per-row float16 (scale, zero) -> packed uint8 ``[ROWS, N * BITS // 8]``."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    codes = tl.reshape(_quantize_codes(x, sc16, z16, BITS), (ROWS, N // PER_BYTE, PER_BYTE))
     shifts = tl.arange(0, PER_BYTE) * BITS
     return tl.sum(codes << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _pack_planar(codes, ROWS: tl.constexpr, N: tl.constexpr):
+    """int32 2-bit codes ``[ROWS, N]`` -> int16 words ``[ROWS, N // 8]`` (``reference.pack_planar``)."""
+    FW: tl.constexpr = N // 8
+    fields = tl.reshape(codes, (ROWS, 8, FW))
+    shifts = tl.arange(0, 8) * 2
+    return tl.sum(fields << shifts[None, :, None], axis=1).to(tl.int16)
 
 
 @triton.jit
@@ -75,8 +89,10 @@ def _store_key_tier(
     BITS: tl.constexpr,
     G: tl.constexpr,
     NG: tl.constexpr,
+    PLANAR: tl.constexpr,
 ):
-    """Quantize the tier's channels ``idx [CP]`` (``C`` valid) of one group and write codes/qparams."""
+    """Quantize the tier's channels ``idx [CP]`` (``C`` valid) of one group and write codes/qparams
+    (PLANAR: the tier is all ``C = CP`` channels of a planar store)."""
     ch = tl.arange(0, CP)
     ch_ok = ch < C
     x = tl.load(k_ptr + k_base + tok[None, :] * skl + idx[:, None] * skd, mask=ch_ok[:, None], other=0.0)
@@ -85,6 +101,15 @@ def _store_key_tier(
     if BITS == 16:
         dst = data_ptr + bh64 * (NG * C * G) + (grp * C + ch[:, None]) * G + g[None, :]
         tl.store(dst, x.to(data_ptr.dtype.element_ty), mask=ch_ok[:, None])
+    elif PLANAR:
+        FW: tl.constexpr = C // 8
+        sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), BITS)
+        words = _pack_planar(tl.trans(_quantize_codes(x, sc16, z16, BITS)), G, C)  # [G, FW]
+        j = tl.arange(0, FW)
+        tl.store(data_ptr + bh64 * (NG * G * FW) + (grp * G + g[:, None]) * FW + j[None, :], words)
+        qp = qp_ptr + bh64 * (NG * 2 * C) + grp * (2 * C) + ch
+        tl.store(qp, sc16)
+        tl.store(qp + C, z16)
     else:
         NB: tl.constexpr = G * BITS // 8
         xmin = tl.min(x, axis=1)
@@ -222,6 +247,7 @@ def _store_groups_kernel(
     RANK: tl.constexpr,
     SALIENCE: tl.constexpr,
     FROM_PTR: tl.constexpr,
+    PLANAR: tl.constexpr,
 ):
     bh = tl.program_id(0)
     n = tl.program_id(1)
@@ -272,6 +298,7 @@ def _store_groups_kernel(
                 B0,
                 G,
                 NG,
+                PLANAR,
             )
         if C1 > 0:
             idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
@@ -292,6 +319,7 @@ def _store_groups_kernel(
                 B1,
                 G,
                 NG,
+                PLANAR,
             )
         if C2 > 0:
             idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
@@ -312,6 +340,7 @@ def _store_groups_kernel(
                 B2,
                 G,
                 NG,
+                PLANAR,
             )
         v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
         if VB == 16:
@@ -328,12 +357,23 @@ def _store_groups_kernel(
             x = tl.load(v_ptr + v_base + rtok[:, None] * svl + c.to(tl.int64) * svd)
             x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)
             sc16, z16 = _qparams(tl.min(x, axis=1), tl.max(x, axis=1), VB)
-            packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
-            dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
-            tl.store(dst + tl.arange(0, VGB)[None, :], packed)
-            qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
-            tl.store(qp, sc16)
-            tl.store(qp + 1, z16)
+            if PLANAR:
+                FWV: tl.constexpr = DV // 8
+                codes = tl.reshape(_quantize_codes(x, sc16, z16, VB), (G, DV))
+                words = _pack_planar(codes, G, DV)  # [G, FWV]
+                j = tl.arange(0, FWV)
+                tl.store(vdata_ptr + bh64 * (NG * FWV * G) + (grp * FWV + j[None, :]) * G + g[:, None], words)
+                vg = tl.arange(0, NVG)
+                qp = vq_ptr + bh64 * (NG * 2 * NVG * G) + grp * (2 * NVG * G) + vg[None, :] * G + g[:, None]
+                tl.store(qp, tl.reshape(sc16, (G, NVG)))
+                tl.store(qp + NVG * G, tl.reshape(z16, (G, NVG)))
+            else:
+                packed = _quantize_pack(x, sc16, z16, G * NVG, VGS, VB)
+                dst = vdata_ptr + bh64 * (NG * G * NVG * VGB) + (grp * (G * NVG) + rows[:, None]) * VGB
+                tl.store(dst + tl.arange(0, VGB)[None, :], packed)
+                qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
+                tl.store(qp, sc16)
+                tl.store(qp + 1, z16)
 
 
 def _check_device(store: KVStore, *tensors: torch.Tensor) -> torch.device:
@@ -446,6 +486,7 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         RANK=rank,
         SALIENCE=rank and lay.salience,
         FROM_PTR=predicated,
+        PLANAR=lay.planar,
         num_warps=4,
     )
 

@@ -1,0 +1,352 @@
+"""Attention over the packed groups of a *planar* store (``StoreLayout.planar``) on the tensor cores.
+
+One program per (batch * KV head, split, query block) walks a run of packed groups with a base-2 online
+softmax and writes ``(m, l, acc)`` partials in the layout of ``decode_attention._attn_split_kernel``,
+whose full-precision launch and combine kernel finish the attention.
+
+Why the planar layout is fast: each int16 word holds 8 two-bit codes, one per bit field ``f``, and
+field ``f`` of a row of words is a run of ``D / 8`` consecutive channels (keys) or ``Dv / 8`` channels
+(values). ``word & (3 << 2f)`` read as a float16 is the code times ``4**f * 2**-24`` (a subnormal;
+fields 5 to 7 are first shifted right by 10, so their weight is ``4**(f - 5)``). One AND per two codes
+gives a tensor-core operand; no integer-to-float conversion, no offset, no data movement between
+registers (an int16 tile has the operand layout of a float16 tile). The scale and weight of each
+channel are folded into the other operand and the zero points are small matrix products:
+
+- scores: ``sum_f (q_f * s_f * 4**-e_f) @ B_f * 2**24 + q @ broadcast(z)`` per group, ``q_f`` the
+  query channels of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``;
+- values: ``acc_f += (p * vs) @ B_f`` per field (``p`` scaled by the value scale of the field's value
+  group) and ``acc_f * 4**e_f * 2**24 + p @ VZ^T`` at the end, ``VZ [NVG, G]`` the value zeros.
+
+Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE = 1/16`` first so
+that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
+float16 rounding of ``q * s`` and ``p * vs`` (relative error about 1e-3, checked against a float32
+reference in the tests).
+"""
+
+from __future__ import annotations
+
+from ._runtime import scores_mask, tl, triton
+
+__all__ = ["planar_split_kernel"]
+
+QSCALE = 1.0 / 16.0
+
+
+@triton.jit
+def _bits16(x, S: tl.constexpr):
+    return tl.inline_asm_elementwise(S, "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _field(x, F_: tl.constexpr, INTERP: tl.constexpr):
+    """float16 ``code * 4**e * 2**-24`` of bit field ``F_`` of every int16 of ``x`` (``e = F_`` for
+    fields 0 to 4, ``F_ - 5`` for fields 5 to 7)."""
+    if INTERP:
+        if F_ < 5:  # noqa: SIM108
+            y = x & (3 << (2 * F_))
+        else:
+            y = (x >> 10) & (3 << (2 * (F_ - 5)))
+        r = y.to(tl.float16, bitcast=True)
+    else:
+        if F_ == 0:
+            r = _bits16(x, "and.b32 $0, $1, 0x00030003;")
+        elif F_ == 1:
+            r = _bits16(x, "and.b32 $0, $1, 0x000c000c;")
+        elif F_ == 2:
+            r = _bits16(x, "and.b32 $0, $1, 0x00300030;")
+        elif F_ == 3:
+            r = _bits16(x, "and.b32 $0, $1, 0x00c000c0;")
+        elif F_ == 4:
+            r = _bits16(x, "and.b32 $0, $1, 0x03000300;")
+        elif F_ == 5:
+            r = _bits16(x, "{.reg .b32 t; shr.b32 t, $1, 10; and.b32 $0, t, 0x00030003;}")
+        elif F_ == 6:
+            r = _bits16(x, "{.reg .b32 t; shr.b32 t, $1, 10; and.b32 $0, t, 0x000c000c;}")
+        else:
+            r = _bits16(x, "{.reg .b32 t; shr.b32 t, $1, 10; and.b32 $0, t, 0x00300030;}")
+    return r
+
+
+@triton.jit
+def _inv_weight(F_: tl.constexpr):
+    """``4**-e`` of field ``F_``."""
+    if F_ < 5:
+        w: tl.constexpr = 1.0 / (4**F_)
+    else:
+        w: tl.constexpr = 1.0 / (4 ** (F_ - 5))
+    return w
+
+
+@triton.jit
+def _pick(x0, x1, x2, x3, x4, x5, x6, x7, F_: tl.constexpr):
+    if F_ == 0:
+        r = x0
+    elif F_ == 1:
+        r = x1
+    elif F_ == 2:
+        r = x2
+    elif F_ == 3:
+        r = x3
+    elif F_ == 4:
+        r = x4
+    elif F_ == 5:
+        r = x5
+    elif F_ == 6:
+        r = x6
+    else:
+        r = x7
+    return r
+
+
+@triton.jit
+def _load_query_field(q_ptr, q_off, row_ok, sqd, F_: tl.constexpr, FW: tl.constexpr):
+    """Channels ``F_ * FW ..`` of the query rows, ``[BLOCK_M, FW]`` float16, times QSCALE."""
+    j = tl.arange(0, FW)
+    q = tl.load(
+        q_ptr + q_off[:, None] + (F_ * FW + j)[None, :].to(tl.int64) * sqd, mask=row_ok[:, None], other=0.0
+    )
+    return (q.to(tl.float32) * 0.0625).to(tl.float16)  # QSCALE
+
+
+@triton.jit
+def _group_scores(
+    q0,
+    q1,
+    q2,
+    q3,
+    q4,
+    q5,
+    q6,
+    q7,
+    kc_ptr,
+    kqp_ptr,
+    gi,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Unscaled scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups), times
+    QSCALE: ``q . k_hat`` for every token of the group."""
+    FW: tl.constexpr = D // 8
+    j = tl.arange(0, FW)
+    t = tl.arange(0, G)
+    words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))  # [FW, G] int16
+    kq = kqp_ptr + gi * (2 * D)
+    s = tl.zeros([BLOCK_M, G], tl.float32)
+    sz = tl.zeros([BLOCK_M, G], tl.float32)
+    for f in tl.static_range(8):
+        qf = _pick(q0, q1, q2, q3, q4, q5, q6, q7, f)
+        ks = tl.load(kq + f * FW + j)
+        kz = tl.load(kq + D + f * FW + j)
+        s = tl.dot(
+            qf * (ks.to(tl.float32) * _inv_weight(f)).to(tl.float16)[None, :], _field(words, f, INTERP), s
+        )
+        sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, G)), sz)
+    return s * 16777216.0 + sz
+
+
+@triton.jit
+def _group_values(
+    p,
+    vc_ptr,
+    vqp_ptr,
+    gi,
+    a0,
+    a1,
+    a2,
+    a3,
+    a4,
+    a5,
+    a6,
+    a7,
+    za,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    VGS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """``acc_f += (p * vs) @ B_f`` for the 8 value fields of group ``gi`` and ``za += p @ VZ^T``."""
+    FW: tl.constexpr = DV // 8
+    NVG: tl.constexpr = DV // VGS
+    FPG: tl.constexpr = VGS // FW  # fields per value group
+    j = tl.arange(0, FW)
+    t = tl.arange(0, G)
+    words = tl.trans(tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :]))  # [G, FW] int16
+    vq = vqp_ptr + gi * (2 * NVG * G)
+    c = tl.arange(0, 16)
+    vzt = tl.load(vq + NVG * G + c[None, :] * G + t[:, None], mask=(c < NVG)[None, :], other=0.0)  # [G, 16]
+    za = tl.dot(p.to(tl.float16), vzt, za)
+    pf = p.to(tl.float16)
+    for f in tl.static_range(8):
+        if f % FPG == 0:  # one operand p * vs per value group
+            vs = tl.load(vq + ((f * FW) // VGS) * G + t)
+            pf = (p * vs[None, :].to(tl.float32)).to(tl.float16)
+        d = tl.dot(pf, _field(words, f, INTERP))
+        if f == 0:
+            a0 = a0 + d
+        elif f == 1:
+            a1 = a1 + d
+        elif f == 2:
+            a2 = a2 + d
+        elif f == 3:
+            a3 = a3 + d
+        elif f == 4:
+            a4 = a4 + d
+        elif f == 5:
+            a5 = a5 + d
+        elif f == 6:
+            a6 = a6 + d
+        else:
+            a7 = a7 + d
+    return a0, a1, a2, a3, a4, a5, a6, a7, za
+
+
+@triton.jit
+def _store_field(
+    part_acc_ptr, part, row_ok, a, za, F_: tl.constexpr, FW: tl.constexpr, DV: tl.constexpr, VGS: tl.constexpr
+):
+    """Write value channels ``F_ * FW ..`` of the partial accumulator: field sum times its weight, plus
+    the zero term of its value group."""
+    c = tl.arange(0, FW)
+    g: tl.constexpr = (F_ * FW) // VGS
+    zc = tl.sum(tl.where((tl.arange(0, 16) == g)[None, :], za, 0.0), 1)
+    a = a * (_inv_weight(F_) * 16777216.0) + zc[:, None]
+    tl.store(part_acc_ptr + part[:, None] * DV + F_ * FW + c[None, :], a, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["length", "packed", "new_len", "groups_per_split", "num_splits"])
+def planar_split_kernel(
+    q_ptr,
+    sqb,
+    sqh,
+    sql,
+    sqd,
+    kc_ptr,
+    kqp_ptr,
+    vc_ptr,
+    vqp_ptr,
+    mask_ptr,
+    smb,
+    smh,
+    sml,
+    smk,
+    part_acc_ptr,
+    part_ml_ptr,
+    length_ptr,
+    khdr_ptr,
+    length,
+    packed,
+    new_len,
+    qk_scale,
+    groups_per_split,
+    num_splits,
+    H: tl.constexpr,
+    N_REP: tl.constexpr,
+    LQ: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    NG: tl.constexpr,
+    VGS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    LENGTH_FROM_PTR: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
+    ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
+    ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e)."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    qb = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    FW: tl.constexpr = D // 8
+    FWV: tl.constexpr = DV // 8
+    if LENGTH_FROM_PTR:
+        length = tl.load(length_ptr).to(tl.int32)
+        packed = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(length - S, 0) // G)
+        groups_per_split = tl.cdiv(packed, num_splits)
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    head = h * N_REP + rows // LQ
+    qi = rows % LQ
+    q_off = b.to(tl.int64) * sqb + head.to(tl.int64) * sqh + qi.to(tl.int64) * sql
+    qpos = length + new_len - LQ + qi
+    mask_row = b.to(tl.int64) * smb + head.to(tl.int64) * smh + qi.to(tl.int64) * sml
+    q0 = _load_query_field(q_ptr, q_off, row_ok, sqd, 0, FW)
+    q1 = _load_query_field(q_ptr, q_off, row_ok, sqd, 1, FW)
+    q2 = _load_query_field(q_ptr, q_off, row_ok, sqd, 2, FW)
+    q3 = _load_query_field(q_ptr, q_off, row_ok, sqd, 3, FW)
+    q4 = _load_query_field(q_ptr, q_off, row_ok, sqd, 4, FW)
+    q5 = _load_query_field(q_ptr, q_off, row_ok, sqd, 5, FW)
+    q6 = _load_query_field(q_ptr, q_off, row_ok, sqd, 6, FW)
+    q7 = _load_query_field(q_ptr, q_off, row_ok, sqd, 7, FW)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    a0 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a1 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a2 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a3 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a4 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a5 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a6 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    a7 = tl.zeros([BLOCK_M, FWV], tl.float32)
+    za = tl.zeros([BLOCK_M, 16], tl.float32)
+    g0 = sp * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, packed)
+    base = bh.to(tl.int64) * NG
+    tok = tl.arange(0, G)
+    score_scale = qk_scale * 16.0  # undoes QSCALE
+    for grp in range(g0, g1):
+        gi = base + grp
+        s = _group_scores(q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, kqp_ptr, gi, BLOCK_M, D, G, INTERP)
+        if MASK_KIND != 0 or IS_CAUSAL:
+            s = scores_mask(
+                s,
+                S + grp * G + tok,
+                tok < G,
+                row_ok,
+                qpos,
+                mask_ptr,
+                mask_row,
+                smk,
+                score_scale,
+                MASK_KIND,
+                IS_CAUSAL,
+            )
+        else:
+            s = s * score_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        a0 = a0 * alpha[:, None]
+        a1 = a1 * alpha[:, None]
+        a2 = a2 * alpha[:, None]
+        a3 = a3 * alpha[:, None]
+        a4 = a4 * alpha[:, None]
+        a5 = a5 * alpha[:, None]
+        a6 = a6 * alpha[:, None]
+        a7 = a7 * alpha[:, None]
+        za = za * alpha[:, None]
+        a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
+            p, vc_ptr, vqp_ptr, gi, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
+        )
+    part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows
+    _store_field(part_acc_ptr, part, row_ok, a0, za, 0, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a1, za, 1, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a2, za, 2, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a3, za, 3, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a4, za, 4, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a5, za, 5, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a6, za, 6, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, row_ok, a7, za, 7, FWV, DV, VGS)
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
