@@ -12,13 +12,15 @@ mask ``[B, 1, Lq, context]`` that transformers builds. Per chunk length, in one 
   full-precision K/V of all ``context`` tokens, same mask;
 - ``mixkvq``: ``ops._attend_with_kernels`` on a kivi2 store holding the prefix, as the CUDA path calls
   it: the fused Triton kernel for ``Lq <= FUSED_MAX_QUERY``, otherwise ``store.read`` (dequantize the
-  prefix once) and one SDPA per query-head offset (no K/V copies);
+  prefix once; the store is planar, so with ``kernels.dequantize``) and one SDPA per query-head offset
+  (no K/V copies);
 - ``repeat``: the previous long-chunk code: ``store.read``, then SDPA over K/V repeated per query head;
 - ``float-mask``: as ``mixkvq`` with the bool mask turned into an additive one once (SDPA converts a
   bool mask on every call);
 - ``fused``: the fused Triton kernel (``decode_attention`` with the chunk as new tokens) at every
   ``Lq``, to see where dequantizing inside the kernel for every block of query rows stops paying;
-- ``read``: ``store.read`` alone (dequantization of the prefix).
+- ``read``: ``store.read`` alone in PyTorch (dequantization of the prefix); ``read-triton``: the same
+  with the Triton dequantization (``kernels.dequantize.dequantize_groups``), as ``mixkvq`` runs it.
 
 The store holds random codes and scales (the kernels read the same bytes). Results go to stdout and,
 when ``$OUT`` is set, to ``$OUT/prefill_chunk.json``.
@@ -43,6 +45,7 @@ import kernels as kbench  # noqa: E402  (bench/kernels.py: timing and random-sto
 from mixkvq_compile import ops  # noqa: E402
 from mixkvq_compile.config import PRESETS  # noqa: E402
 from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.kernels.dequantize import dequantize_groups  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 
@@ -87,6 +90,7 @@ def measure_chunk(b: int, ctx: int, lq: int, dtype: torch.dtype) -> dict:
             q, store, start, mask, scale, new_key=k, new_value=v, packed=packed
         ),
         "read": lambda: store.read(start, packed),
+        "read-triton": lambda: store.read(start, packed, dequantize_groups=dequantize_groups),
     }
     row = {"batch": b, "context": ctx, "chunk": lq}
     reference = None
@@ -128,7 +132,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
-    names = ("strong", "mixkvq", "repeat", "float-mask", "fused", "read")
+    names = ("strong", "mixkvq", "repeat", "float-mask", "fused", "read", "read-triton")
     print(f"\n{'chunk':>6} " + " ".join(f"{n:>10}" for n in names) + "  (ms; mixkvq / strong)")
     for r in rows:
         cells = " ".join(f"{r.get(n + '_ms', float('nan')):>10.3f}" for n in names)

@@ -178,7 +178,8 @@ FUSED_MAX_QUERY = 256
 def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, scale, is_causal):
     """CUDA path: up to ``FUSED_MAX_QUERY`` queries after a stored prefix, the fused Triton kernel reads
     the packed store once, plus the new tokens; a prompt (or a long chunk) runs cuDNN/flash SDPA over
-    the new tokens, after the prefix dequantized once (``store.read``) when there is one."""
+    the new tokens, after the prefix dequantized once (``store.read``; planar stores on a Triton kernel)
+    when there is one."""
     lq = query.shape[2]
     if start > 0 and lq <= FUSED_MAX_QUERY:
         from .kernels.decode_attention import decode_attention
@@ -210,11 +211,14 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
     out = query.new_empty((*query.shape[:3], value.shape[-1]))
     batch = query.shape[0]
     step = _rows_per_read(store.layout, total) if start else batch
+    reader = None
+    if store.layout.planar:  # one Triton pass over the packed bytes instead of PyTorch intermediates
+        from .kernels.dequantize import dequantize_groups as reader
     for b0 in range(0, batch, step):
         rows = slice(b0, b0 + step)
         keys, values = key[rows].to(dtype), value[rows].to(dtype)
         if start:  # the prefix of these batch rows, dequantized once for every query head
-            past_key, past_value = store.read(start, packed, rows)
+            past_key, past_value = store.read(start, packed, rows, dequantize_groups=reader)
             keys, values = torch.cat([past_key, keys], dim=2), torch.cat([past_value, values], dim=2)
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         row_mask = mask[rows] if tensor_mask and mask.shape[0] > 1 else mask

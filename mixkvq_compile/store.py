@@ -399,14 +399,21 @@ class KVStore:
             self.keys["query_count"].zero_()
 
     def read(
-        self, length: int, packed: int | None = None, rows: slice = slice(None)
+        self,
+        length: int,
+        packed: int | None = None,
+        rows: slice = slice(None),
+        dequantize_groups=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys ``[B, H, length, D]`` and values ``[B, H, length, Dv]`` at positions < length.
 
         Sinks and residual tokens come back exactly; packed groups in float32 rounded to the model dtype.
         ``packed`` is the store's packed-group count when the caller knows it (saves a header read);
         ``length`` must not end inside the packed groups. ``rows``: only these batch rows (``B`` is then
-        the slice's length), to bound the memory of a long read.
+        the slice's length), to bound the memory of a long read. ``dequantize_groups(store, count, rows)``
+        replaces the PyTorch dequantization of the first ``count`` packed groups (it must return the
+        same ``[B, H, count * G, D]`` / ``[B, H, count * G, Dv]`` tensors in the store dtype, e.g.
+        ``kernels.dequantize.dequantize_groups``).
         """
         lay = self.layout
         sinks = min(lay.sink_tokens, length)
@@ -424,7 +431,11 @@ class KVStore:
         ) % max(lay.window, 1)
         parts_k = [self.keys["sink"][rows, :, :sinks]]
         parts_v = [self.values["sink"][rows, :, :sinks]]
-        if groups:
+        if groups and dequantize_groups is not None:
+            keys, values = dequantize_groups(self, groups, rows)
+            parts_k.append(keys)
+            parts_v.append(values)
+        elif groups:
             parts_k.append(self._dequantize_key_groups(groups, rows).to(lay.dtype))
             parts_v.append(self._dequantize_value_groups(groups, rows).to(lay.dtype))
         parts_k.append(self.keys["ring"][rows][:, :, ring_slots])

@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
 from mixkvq_compile.kernels._runtime import tl, unpack_codes  # noqa: E402
 from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.kernels.dequantize import dequantize_groups  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -480,6 +481,10 @@ def test_planar_append_bit_exact_and_dequantizes_like_reference(head_dim, dtype)
     vg = v[:, :, packed].float().reshape(2, 2, n * 32, head_dim // 32, 32)
     want_v = reference.dequantize_groups(*reference.quantize_groups(vg, 2), 2)
     assert torch.equal(got_v[:, :, packed], want_v.reshape(2, 2, n * 32, head_dim).to(dtype))
+    # The Triton dequantization (long prompt chunks) reads the same tensors, bit for bit.
+    for rows in (slice(None), slice(1, 2)):
+        fast_k, fast_v = stores[1].read(170, rows=rows, dequantize_groups=dequantize_groups)
+        assert torch.equal(fast_k, got_k[rows]) and torch.equal(fast_v, got_v[rows])
 
 
 @pytest.mark.parametrize(
@@ -526,6 +531,22 @@ def test_planar_decode_large_magnitudes_stay_finite():
     query = (torch.randn(2, 4, 1, 128, device=DEVICE) * 100).to(torch.bfloat16)
     out, ref = _run(query, store, 170, num_splits=2)
     assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+def test_long_chunk_over_planar_prefix_matches_reference(monkeypatch):
+    """A long chunk after a planar prefix: the prefix dequantized by the Triton kernel one batch row at
+    a time, then SDPA per query-head offset, against the reference path."""
+    monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total: 1)
+    monkeypatch.setattr(ops, "FUSED_MAX_QUERY", 8)
+    store, _, _ = _planar_store(128, torch.bfloat16, tokens=150, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(2, 2, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(2, 2, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    packed = store.packed_groups
+    out = ops._attend_with_kernels(q, k, v, store, 150, packed, None, 0.1, True)
+    ref = ops._attend_with_reference(q, k, v, store, 150, packed, 170, None, 0.1, True)
+    assert _rel(out, ref.float()) < TOL[torch.bfloat16]
 
 
 @gpu_only

@@ -12,8 +12,9 @@ gives a tensor-core operand; no integer-to-float conversion, no offset, no data 
 registers (an int16 tile has the operand layout of a float16 tile). The scale and weight of each
 channel are folded into the other operand and the zero points are small matrix products:
 
-- scores: ``sum_f (q_f * s_f * 4**-e_f) @ B_f * 2**24 + q @ broadcast(z)`` per group, ``q_f`` the
-  query channels of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``;
+- scores: ``sum_f (q_f * s_f * 4**-e_f) @ B_f * 2**24 + q . z`` per group, ``q_f`` the query channels
+  of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``; ``q . z`` (one number per query row)
+  is the first column of ``q_f @ broadcast(z_f)`` over 16 columns, the smallest tensor-core product;
 - values: ``acc_f += (p * vs) @ B_f`` per field (``p`` scaled by the value scale of the field's value
   group) and ``acc_f * 4**e_f * 2**24 + p @ VZ^T`` at the end, ``VZ [NVG, G]`` the value zeros.
 
@@ -134,7 +135,7 @@ def _group_scores(
     words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))  # [FW, G] int16
     kq = kqp_ptr + gi * (2 * D)
     s = tl.zeros([BLOCK_M, G], tl.float32)
-    sz = tl.zeros([BLOCK_M, G], tl.float32)
+    sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
     for f in tl.static_range(8):
         qf = _pick(q0, q1, q2, q3, q4, q5, q6, q7, f)
         ks = tl.load(kq + f * FW + j)
@@ -142,8 +143,8 @@ def _group_scores(
         s = tl.dot(
             qf * (ks.to(tl.float32) * _inv_weight(f)).to(tl.float16)[None, :], _field(words, f, INTERP), s
         )
-        sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, G)), sz)
-    return s * 16777216.0 + sz
+        sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, 16)), sz)
+    return s * 16777216.0 + tl.max(sz, 1)[:, None]
 
 
 @triton.jit
