@@ -632,7 +632,8 @@ def decode_attention(
         causal: query ``i`` sits at position ``total - Lq + i`` and sees keys at positions <= its own.
         out: optional ``[B, Hq, Lq, Dv]`` output in the query dtype (any strides).
         num_splits, block_m, num_warps, num_stages, fp_stages: tuning (splits over the packed groups;
-            query rows per program; warps per program; software-pipelining depth of the packed-group
+            query rows per program; warps per program (planar stores: of the packed-group launch
+            only; default 1 per 16 query rows); software-pipelining depth of the packed-group
             loop and of the full-precision loop); ``gather`` unpacks codes with one byte load per code
             instead of a vector load plus an in-register reshape (default layout only; planar stores,
             ``StoreLayout.planar``, take ``planar_attention.planar_split_kernel`` for the packed groups).
@@ -752,6 +753,8 @@ def decode_attention(
     prec = "ieee" if query.dtype == torch.float32 else "tf32"
     # Measured on H200 (2026-11-26): 2 warps beat 4 by 1.4x on mixed tiers, 4 is best for one tier.
     warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
+    # Planar stores: ``num_warps`` tunes the packed-group kernel; the full-precision launch keeps its own.
+    fp_warps = (4 if block_m <= 32 else 8) if lay.planar else warps
     args = [
         query,
         *query.stride(),
@@ -856,7 +859,9 @@ def decode_attention(
         _attn_split_kernel[(bh, num_splits, q_blocks)](
             *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages
         )
-    _attn_split_kernel[(bh, 1, q_blocks)](*args, **meta, FP_PART=True, num_warps=warps, num_stages=fp_stages)
+    _attn_split_kernel[(bh, 1, q_blocks)](
+        *args, **meta, FP_PART=True, num_warps=fp_warps, num_stages=fp_stages
+    )
     _combine_kernel[(bh * rows,)](
         part_acc,
         part_ml,
