@@ -65,13 +65,17 @@ class TargetOnlyDriver:
 
 
 def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
-    """The compiled split kernel (packed-group part) of a decode step, as ``decode_attention`` launches it."""
+    """The compiled packed-group kernel of a decode step, as ``decode_attention`` launches it (the
+    planar kernel for planar stores, such as kivi2 here)."""
     compiled = {}
     run = triton_jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        if self.fn.__name__ == "_attn_split_kernel" and not kwargs.get("FP_PART"):
+        packed_loop = self.fn.__name__ == "planar_split_kernel" or (
+            self.fn.__name__ == "_attn_split_kernel" and not kwargs.get("FP_PART")
+        )
+        if packed_loop:
             compiled["kernel"] = kernel
         return kernel
 
@@ -81,7 +85,8 @@ def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
     triton_jit.JITFunction.run = compile_only
     decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
     try:  # CPU tensors stand in for CUDA ones: nothing is launched
-        decode.decode_attention(query, store, 1000, num_splits=4, num_warps=warps)
+        packed = layout.flushed_groups(1000)
+        decode.decode_attention(query, store, 1000, num_splits=4, num_warps=warps, packed=packed)
     finally:
         triton_jit.JITFunction.run = run
         decode.check_kernel_device = check
