@@ -12,11 +12,13 @@ mask ``[B, 1, Lq, context]`` that transformers builds. Per chunk length, in one 
   full-precision K/V of all ``context`` tokens, same mask;
 - ``mixkvq``: ``ops._attend_with_kernels`` on a kivi2 store holding the prefix, as the CUDA path calls
   it: the fused Triton kernel for ``Lq <= FUSED_MAX_QUERY``, otherwise ``store.read`` (dequantize the
-  prefix once; the store is planar, so with ``kernels.dequantize``) and one SDPA per query-head offset
-  (no K/V copies);
+  prefix once into the buffer that also takes the chunk; the store is planar, so with
+  ``kernels.dequantize``) and one SDPA with ``enable_gqa`` (no K/V copies);
 - ``repeat``: the previous long-chunk code: ``store.read``, then SDPA over K/V repeated per query head;
 - ``float-mask``: as ``mixkvq`` with the bool mask turned into an additive one once (SDPA converts a
   bool mask on every call);
+- ``per-offset``: ``mixkvq`` with one SDPA call per query-head offset (``ops.ONE_GQA_CALL = False``)
+  instead of one call with ``enable_gqa``;
 - ``fused``: the fused Triton kernel (``decode_attention`` with the chunk as new tokens) at every
   ``Lq``, to see where dequantizing inside the kernel for every block of query rows stops paying;
 - ``read``: ``store.read`` alone in PyTorch (dequantization of the prefix); ``read-triton``: the same
@@ -64,6 +66,15 @@ def float_mask_path(q, k, v, store, start, packed, mask, scale):
     return ops._attend_with_kernels(q, k, v, store, start, packed, additive, scale, True)
 
 
+def per_offset(q, k, v, store, start, packed, mask, scale):
+    """``mixkvq`` with one SDPA call per query-head offset (``ops.ONE_GQA_CALL = False``)."""
+    default, ops.ONE_GQA_CALL = ops.ONE_GQA_CALL, False
+    try:
+        return ops._attend_with_kernels(q, k, v, store, start, packed, mask, scale, True)
+    finally:
+        ops.ONE_GQA_CALL = default
+
+
 def measure_chunk(b: int, ctx: int, lq: int, dtype: torch.dtype) -> dict:
     """Times (ms), extra memory (GiB) and errors against ``mixkvq`` of every variant for one chunk."""
     scale = D**-0.5
@@ -84,6 +95,7 @@ def measure_chunk(b: int, ctx: int, lq: int, dtype: torch.dtype) -> dict:
             q, full_k, full_v, attn_mask=mask, scale=scale, enable_gqa=True
         ),
         "mixkvq": lambda: ops._attend_with_kernels(q, k, v, store, start, packed, mask, scale, True),
+        "per-offset": lambda: per_offset(q, k, v, store, start, packed, mask, scale),
         "repeat": lambda: repeat_path(q, k, v, store, start, packed, mask, scale),
         "float-mask": lambda: float_mask_path(q, k, v, store, start, packed, mask, scale),
         "fused": lambda: decode_attention(
@@ -100,7 +112,7 @@ def measure_chunk(b: int, ctx: int, lq: int, dtype: torch.dtype) -> dict:
             base = torch.cuda.memory_allocated()
             out = fn()
             row[f"{name}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            if name in ("mixkvq", "repeat", "float-mask", "fused"):
+            if name in ("mixkvq", "per-offset", "repeat", "float-mask", "fused"):
                 reference = out.float() if reference is None else reference
                 row[f"{name}_rel_err"] = ((out.float() - reference).norm() / reference.norm()).item()
             del out
@@ -132,7 +144,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
-    names = ("strong", "mixkvq", "repeat", "float-mask", "fused", "read", "read-triton")
+    names = ("strong", "mixkvq", "per-offset", "repeat", "float-mask", "fused", "read", "read-triton")
     print(f"\n{'chunk':>6} " + " ".join(f"{n:>10}" for n in names) + "  (ms; mixkvq / strong)")
     for r in rows:
         cells = " ".join(f"{r.get(n + '_ms', float('nan')):>10.3f}" for n in names)

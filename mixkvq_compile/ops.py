@@ -173,6 +173,10 @@ def _attend_with_reference(query, key, value, store, start, packed, visible, att
 # Measured on an H200 (bench/prefill_chunk.py, 8 x 32k, bfloat16): fused 5.3 / 20.5 / 81 ms against
 # 25.2 / 25.9 / 27.8 ms for the dequantize-then-SDPA path at 64 / 256 / 1024 query tokens.
 FUSED_MAX_QUERY = 256
+# Long chunks: one SDPA call with ``enable_gqa`` (True) or one call per query-head offset (False).
+# Measured with bench/prefill_chunk.py (H200, bf16, 8 x 32k, 2026-11-26): one call 6.96 / 13.32 /
+# 53.48 ms against 7.27 / 13.66 / 53.47 ms for chunks of 512 / 1024 / 4096 tokens.
+ONE_GQA_CALL = True
 
 
 def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, scale, is_causal):
@@ -203,28 +207,45 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
         # Query i sits at position start + i: causal from the lower right of the [Lq, total] scores.
         mask = causal_lower_right(lq, total)
     tensor_mask = mask is not None and not isinstance(mask, CausalBias) and mask.dim() == 4
-    # Grouped-query heads without copying K/V: query heads r, r + n_rep, ... use KV heads 0, 1, ... (as
-    # repeat_interleave pairs them), so one SDPA per r is plain multi-head attention. SDPA's enable_gqa
-    # runs only on the flash backend, which takes no mask; repeating K/V instead held 2 * n_rep more
-    # bytes than the dequantized prefix (computed: 3.8 GB per layer at 8 x 28k tokens, bfloat16).
+    # Grouped-query heads without copying K/V: one SDPA with enable_gqa (cuDNN takes it with a mask,
+    # torch 2.11, H200), or one SDPA per query-head offset r (query heads r, r + n_rep, ... use KV heads
+    # 0, 1, ..., as repeat_interleave pairs them: plain multi-head attention). Repeating K/V instead
+    # held 2 * n_rep more bytes than the dequantized prefix (3.8 GB per layer at 8 x 28k, bfloat16).
     n_rep = query.shape[1] // key.shape[1]
     out = query.new_empty((*query.shape[:3], value.shape[-1]))
     batch = query.shape[0]
-    step = _rows_per_read(store.layout, total) if start else batch
+    step = _rows_per_read(store.layout, total, lq) if start else batch
     reader = None
     if store.layout.planar:  # one Triton pass over the packed bytes instead of PyTorch intermediates
         from .kernels.dequantize import dequantize_groups as reader
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    minus_inf = torch.full((), float("-inf"), dtype=query.dtype, device=query.device)
     for b0 in range(0, batch, step):
         rows = slice(b0, b0 + step)
-        keys, values = key[rows].to(dtype), value[rows].to(dtype)
-        if start:  # the prefix of these batch rows, dequantized once for every query head
-            past_key, past_value = store.read(start, packed, rows, dequantize_groups=reader)
-            keys, values = torch.cat([past_key, keys], dim=2), torch.cat([past_value, values], dim=2)
+        if start:  # the prefix of these batch rows, dequantized once for every query head, then the chunk
+            n = len(range(*rows.indices(batch)))
+            keys = query.new_empty((n, key.shape[1], total, key.shape[3]), dtype=dtype)
+            values = query.new_empty((n, value.shape[1], total, value.shape[3]), dtype=dtype)
+            store.read_into(keys, values, start, packed, rows, dequantize_groups=reader)
+            keys[:, :, start:] = key[rows]
+            values[:, :, start:] = value[rows]
+        else:
+            keys, values = key[rows].to(dtype), value[rows].to(dtype)
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         row_mask = mask[rows] if tensor_mask and mask.shape[0] > 1 else mask
-        if tensor_mask and row_mask.dtype == torch.bool:  # made additive once, not by every SDPA call
-            additive = torch.zeros(row_mask.shape, dtype=query.dtype, device=row_mask.device)
-            row_mask = additive.masked_fill_(row_mask.logical_not(), float("-inf"))
+        if ONE_GQA_CALL:
+            out[rows] = torch.nn.functional.scaled_dot_product_attention(
+                query[rows],
+                keys,
+                values,
+                attn_mask=row_mask,
+                scale=scale,
+                is_causal=is_causal and mask is None,
+                enable_gqa=True,
+            )
+            continue
+        if tensor_mask and row_mask.dtype == torch.bool:  # made additive once (one kernel), not by every SDPA
+            row_mask = torch.where(row_mask, zero, minus_inf)
         for r in range(n_rep):
             head_mask = row_mask[:, r::n_rep] if tensor_mask and row_mask.shape[1] > 1 else row_mask
             out[rows, r::n_rep] = torch.nn.functional.scaled_dot_product_attention(
@@ -238,12 +259,15 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
     return out.contiguous()
 
 
-def _rows_per_read(layout, total: int) -> int:
-    """Batch rows whose prefix ``store.read`` dequantizes at once in a long chunk: its int32 and float32
-    intermediates take up to about 16 bytes per element (estimate), kept under 2 GiB: 2 rows at 32k
-    tokens, 8 KV heads and head_dim 128. The whole batch at once would grow with the batch (8 GiB at
-    32 rows of 8k tokens)."""
-    per_row = layout.heads * total * (layout.head_dim + layout.value_dim) * 16
+def _rows_per_read(layout, total: int, chunk: int) -> int:
+    """Batch rows whose prefix is dequantized at once in a long chunk, so that their dense keys and
+    values (``total`` tokens, 2 bytes per element), the additive mask (``chunk`` x ``total``) and, on
+    the PyTorch dequantization path, its int32 and float32 intermediates (about 16 bytes per element,
+    estimated) stay under 2 GiB. At 32k tokens, 8 KV heads, head_dim 128 and a 4096-token chunk: 1 row
+    on the PyTorch path, 5 for planar stores (Triton dequantization). The whole batch at once would
+    grow with the batch (8 GiB at 32 rows of 8k tokens on the PyTorch path)."""
+    per_element = 2 if layout.planar else 16
+    per_row = layout.heads * total * (layout.head_dim + layout.value_dim) * per_element + chunk * total * 2
     return max(1, (2 << 30) // per_row)
 
 

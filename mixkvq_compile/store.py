@@ -410,10 +410,31 @@ class KVStore:
         Sinks and residual tokens come back exactly; packed groups in float32 rounded to the model dtype.
         ``packed`` is the store's packed-group count when the caller knows it (saves a header read);
         ``length`` must not end inside the packed groups. ``rows``: only these batch rows (``B`` is then
-        the slice's length), to bound the memory of a long read. ``dequantize_groups(store, count, rows)``
-        replaces the PyTorch dequantization of the first ``count`` packed groups (it must return the
-        same ``[B, H, count * G, D]`` / ``[B, H, count * G, Dv]`` tensors in the store dtype, e.g.
-        ``kernels.dequantize.dequantize_groups``).
+        the slice's length), to bound the memory of a long read. ``dequantize_groups``: see
+        ``read_into``.
+        """
+        lay = self.layout
+        batch = len(range(*rows.indices(lay.batch)))
+        device = self.keys["ring"].device
+        keys = torch.empty((batch, lay.heads, length, lay.head_dim), dtype=lay.dtype, device=device)
+        values = torch.empty((batch, lay.heads, length, lay.value_dim), dtype=lay.dtype, device=device)
+        self.read_into(keys, values, length, packed, rows, dequantize_groups)
+        return keys, values
+
+    def read_into(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        length: int,
+        packed: int | None = None,
+        rows: slice = slice(None),
+        dequantize_groups=None,
+    ) -> None:
+        """``read`` into ``keys [B, H, >= length, D]`` / ``values [B, H, >= length, Dv]`` (views in the
+        store dtype, e.g. the front of a buffer that also takes a prompt chunk): positions < length are
+        written, nothing else. ``dequantize_groups(store, count, rows, out=(keys, values))`` replaces
+        the PyTorch dequantization of the first ``count`` packed groups (it must write the same values,
+        e.g. ``kernels.dequantize.dequantize_groups``).
         """
         lay = self.layout
         sinks = min(lay.sink_tokens, length)
@@ -426,21 +447,19 @@ class KVStore:
                 )
             groups = 0
         start = lay.sink_tokens + groups * lay.group_size
-        ring_slots = (
-            torch.arange(start, max(start, length), device=self.keys["ring"].device) - lay.sink_tokens
-        ) % max(lay.window, 1)
-        parts_k = [self.keys["sink"][rows, :, :sinks]]
-        parts_v = [self.values["sink"][rows, :, :sinks]]
-        if groups and dequantize_groups is not None:
-            keys, values = dequantize_groups(self, groups, rows)
-            parts_k.append(keys)
-            parts_v.append(values)
-        elif groups:
-            parts_k.append(self._dequantize_key_groups(groups, rows).to(lay.dtype))
-            parts_v.append(self._dequantize_value_groups(groups, rows).to(lay.dtype))
-        parts_k.append(self.keys["ring"][rows][:, :, ring_slots])
-        parts_v.append(self.values["ring"][rows][:, :, ring_slots])
-        return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+        keys[:, :, :sinks] = self.keys["sink"][rows, :, :sinks]
+        values[:, :, :sinks] = self.values["sink"][rows, :, :sinks]
+        if groups:
+            out = (keys[:, :, lay.sink_tokens : start], values[:, :, lay.sink_tokens : start])
+            if dequantize_groups is not None:
+                dequantize_groups(self, groups, rows, out=out)
+            else:
+                out[0].copy_(self._dequantize_key_groups(groups, rows))
+                out[1].copy_(self._dequantize_value_groups(groups, rows))
+        if length > start:
+            slots = (torch.arange(start, length, device=keys.device) - lay.sink_tokens) % max(lay.window, 1)
+            keys[:, :, start:length] = self.keys["ring"][rows][:, :, slots]
+            values[:, :, start:length] = self.values["ring"][rows][:, :, slots]
 
     def accumulate_queries(self, query: torch.Tensor) -> None:
         """Add ``|query|`` (``[B, Hq, Lq, D]``, post-RoPE) to the per-KV-head channel statistics.

@@ -414,11 +414,11 @@ def test_decode_step_without_host_reads_matches_reference(name, dtype, head_dim)
 )
 def test_long_chunk_after_prefix_matches_reference(masked, rows_per_read, fused, monkeypatch):
     """The CUDA path's chunked prefill equals the reference path on the same store: a chunk longer than
-    ``FUSED_MAX_QUERY`` dequantizes the prefix once and runs one SDPA per query-head offset (lower-right
+    ``FUSED_MAX_QUERY`` dequantizes the prefix once and runs one SDPA with ``enable_gqa`` (lower-right
     causal mask or the model's mask; the batch in slices of ``rows_per_read``), a shorter one the fused
     kernel."""
     if rows_per_read is not None:
-        monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total: rows_per_read)
+        monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total, chunk: rows_per_read)
     monkeypatch.setattr(ops, "FUSED_MAX_QUERY", 40 if fused else 39)  # the chunk has 40 tokens
     dtype = torch.float32
     store = _store(MIX, dtype=dtype, heads=2, tokens=90, chunks=(50,), seed=6)
@@ -533,10 +533,13 @@ def test_planar_decode_large_magnitudes_stay_finite():
     assert _rel(out, ref) < TOL[torch.bfloat16]
 
 
-def test_long_chunk_over_planar_prefix_matches_reference(monkeypatch):
+@pytest.mark.parametrize("one_gqa_call", [False, True])
+def test_long_chunk_over_planar_prefix_matches_reference(one_gqa_call, monkeypatch):
     """A long chunk after a planar prefix: the prefix dequantized by the Triton kernel one batch row at
-    a time, then SDPA per query-head offset, against the reference path."""
-    monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total: 1)
+    a time into the buffer that also takes the chunk, then SDPA (one call with ``enable_gqa``, or one
+    per query-head offset), against the reference path."""
+    monkeypatch.setattr(ops, "ONE_GQA_CALL", one_gqa_call)
+    monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total, chunk: 1)
     monkeypatch.setattr(ops, "FUSED_MAX_QUERY", 8)
     store, _, _ = _planar_store(128, torch.bfloat16, tokens=150, seed=11)
     gen = torch.Generator().manual_seed(12)

@@ -38,9 +38,14 @@ def _dequantize_planar_kernel(
     vc_ptr,
     vqp_ptr,
     k_out_ptr,
+    skb,
+    skh,
+    skt,
     v_out_ptr,
+    svb,
+    svh,
+    svt,
     row0,
-    count,
     H: tl.constexpr,
     NG: tl.constexpr,
     D: tl.constexpr,
@@ -50,11 +55,13 @@ def _dequantize_planar_kernel(
     INTERP: tl.constexpr,
 ):
     """Program ``(bh, grp)``: group ``grp`` of batch row ``row0 + bh // H``, KV head ``bh % H``, into
-    ``k_out [rows * H, count * G, D]`` and ``v_out [rows * H, count * G, DV]``."""
+    ``k_out [rows, H, count * G, D]`` and ``v_out [rows, H, count * G, DV]`` (strides given, the
+    channel stride 1)."""
     bh = tl.program_id(0)
     grp = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     gi = ((row0 + bh // H) * H + bh % H).to(tl.int64) * NG + grp
-    out_row = bh.to(tl.int64) * count * G + grp * G
     FW: tl.constexpr = D // 8
     FWV: tl.constexpr = DV // 8
     NVG: tl.constexpr = DV // VGS
@@ -67,7 +74,8 @@ def _dequantize_planar_kernel(
         zero = tl.load(kqp_ptr + gi * (2 * D) + D + ch).to(tl.float32)
         codes = ((words >> (2 * f)) & 3).to(tl.float32)
         k = codes * scale[None, :] + zero[None, :]
-        tl.store(k_out_ptr + (out_row + t[:, None]) * D + ch[None, :], _round_to(k, k_out_ptr, INTERP))
+        dst = k_out_ptr + b * skb + h * skh + (grp * G + t[:, None]).to(tl.int64) * skt + ch[None, :]
+        tl.store(dst, _round_to(k, k_out_ptr, INTERP))
     jv = tl.arange(0, FWV)
     vwords = tl.load(vc_ptr + (gi * FWV + jv[:, None]) * G + t[None, :]).to(tl.int32)  # [FWV, G]
     vq = vqp_ptr + gi * (2 * NVG * G)
@@ -76,16 +84,21 @@ def _dequantize_planar_kernel(
         scale = tl.load(vq + (ch // VGS)[:, None] * G + t[None, :]).to(tl.float32)
         zero = tl.load(vq + NVG * G + (ch // VGS)[:, None] * G + t[None, :]).to(tl.float32)
         v = ((vwords >> (2 * f)) & 3).to(tl.float32) * scale + zero
-        tl.store(v_out_ptr + (out_row + t[None, :]) * DV + ch[:, None], _round_to(v, v_out_ptr, INTERP))
+        dst = v_out_ptr + b * svb + h * svh + (grp * G + t[None, :]).to(tl.int64) * svt + ch[:, None]
+        tl.store(dst, _round_to(v, v_out_ptr, INTERP))
 
 
 def dequantize_groups(
-    store: KVStore, count: int, rows: slice = slice(None)
+    store: KVStore,
+    count: int,
+    rows: slice = slice(None),
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``[B, H, count * G, D]`` and values ``[B, H, count * G, Dv]`` (store dtype) of the first
     ``count`` packed groups of batch ``rows`` (a slice with step 1), equal bit for bit to
-    ``store._dequantize_key_groups(count, rows).to(dtype)`` and the value counterpart. Planar stores
-    only (``StoreLayout.planar``); use it as ``store.read(..., dequantize_groups=dequantize_groups)``."""
+    ``store._dequantize_key_groups(count, rows).to(dtype)`` and the value counterpart; written into
+    ``out`` (two views of those shapes with unit channel stride) when given. Planar stores only
+    (``StoreLayout.planar``); ``store.read(..., dequantize_groups=dequantize_groups)`` uses it."""
     lay = store.layout
     if not lay.planar:
         raise ValueError("dequantize_groups: the store does not use the planar layout (StoreLayout.planar)")
@@ -97,12 +110,19 @@ def dequantize_groups(
     device = store.keys["ring"].device
     check_kernel_device(device, "dequantize_groups")
     batch = max(0, stop - start)
-    keys = torch.empty(
-        (batch, lay.heads, count * lay.group_size, lay.head_dim), dtype=lay.dtype, device=device
+    shapes = (
+        (batch, lay.heads, count * lay.group_size, lay.head_dim),
+        (batch, lay.heads, count * lay.group_size, lay.value_dim),
     )
-    values = torch.empty(
-        (batch, lay.heads, count * lay.group_size, lay.value_dim), dtype=lay.dtype, device=device
-    )
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=lay.dtype, device=device) for shape in shapes)
+    for tensor, shape in zip(out, shapes, strict=True):
+        if tuple(tensor.shape) != shape or tensor.dtype != lay.dtype or tensor.stride(3) != 1:
+            raise ValueError(
+                f"dequantize_groups: out must be {shape} {lay.dtype} with unit channel stride, got "
+                f"{tuple(tensor.shape)} {tensor.dtype} strides {tensor.stride()}"
+            )
+    keys, values = out
     if batch and count:
         tier = [c > 0 for c in lay.key_channels].index(True)
         _dequantize_planar_kernel[(batch * lay.heads, count)](
@@ -111,9 +131,10 @@ def dequantize_groups(
             store.values["codes"],
             store.values["qparams"],
             keys,
+            *keys.stride()[:3],
             values,
+            *values.stride()[:3],
             start,
-            count,
             H=lay.heads,
             NG=lay.num_groups,
             D=lay.head_dim,
