@@ -160,20 +160,10 @@ def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, 
     return clock.times[0] - started, intervals[len(intervals) // 2], out
 
 
-def kv_bytes(cache) -> int:
-    import mixkvq_compile
-
-    return mixkvq_compile.memory_report(cache).held_bytes
-
-
-def run(
-    model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int, single: bool
-) -> dict:
-    import mixkvq_compile
-
+def set_method(model, method: str):
+    """Set up ``model`` for ``method`` (module docstring): its attention implementation and, for the
+    mixkvq methods, ``model.forward`` compiled with ``backend="mixkvq"``; returns the eager forward."""
     torch._dynamo.reset()
-    model.__dict__.pop("_compiled_call", None)
-    mixkvq_compile.reset_counters()
     eager_forward = model.__class__.forward.__get__(model)
     model.forward = eager_forward
     model.config._attn_implementation = "strong_sdpa" if method == "strong" else "sdpa"
@@ -187,6 +177,23 @@ def run(
         elif variant:
             raise ValueError(f"unknown method {method!r}")
         model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)
+    return eager_forward
+
+
+def kv_bytes(cache) -> int:
+    import mixkvq_compile
+
+    return mixkvq_compile.memory_report(cache).held_bytes
+
+
+def run(
+    model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int, single: bool
+) -> dict:
+    import mixkvq_compile
+
+    model.__dict__.pop("_compiled_call", None)
+    mixkvq_compile.reset_counters()
+    eager_forward = set_method(model, method)
     # hf/strong: generate() itself compiles the decode step (Inductor, mode="reduce-overhead") when the
     # cache is static, and runs the prefill eagerly: what users run today.
     ids = torch.randint(0, 128256, (batch, context), device="cuda", generator=None)

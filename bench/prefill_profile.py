@@ -29,14 +29,7 @@ def prefill_profile(model, method: str, batch: int, context: int, chunk: int, ro
     """Seconds of one chunked prefill (after a warm-up one); prints the top GPU operators."""
     from transformers import StaticCache
 
-    torch._dynamo.reset()
-    eager_forward = model.__class__.forward.__get__(model)
-    model.forward = eager_forward
-    model.config._attn_implementation = "strong_sdpa" if method == "strong" else "sdpa"
-    if method != "strong":
-        preset, _, variant = method.partition("-")
-        options = {"preset": preset, "prefill_compiler": "eager" if variant == "eager" else "auto"}
-        model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)
+    eager_forward = e2e.set_method(model, method)
     ids = torch.randint(0, 128256, (batch, context), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=context + 8)
     e2e.prefill_in_chunks(model, ids, cache, chunk)  # compiles
@@ -62,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default="strong,kivi2-eager")
+    parser.add_argument("--methods", default="strong,kivi2-eager", help="as bench/e2e.py's --methods")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=32768)

@@ -155,14 +155,20 @@ class StoreLayout:
         return sum(c > 0 for c in self.key_channels) > 1
 
     @property
+    def key_tier(self) -> int | None:
+        """Index of the only non-empty key tier, or None when the tiers are mixed."""
+        tiers = [t for t, channels in enumerate(self.key_channels) if channels]
+        return tiers[0] if len(tiers) == 1 else None
+
+    @property
     def planar(self) -> bool:
         """True when groups use the planar code layout (module docstring): one 2-bit key tier, 2-bit
         values, a float16/bfloat16 store, head dims 128 or 256, groups of >= 16 tokens and value groups
         that are whole multiples of ``Dv / 8`` channels (at most 16 of them per token)."""
         fields_k, fields_v = self.head_dim // 8, self.value_dim // 8
         return (
-            not self.mixed_keys
-            and self.key_bits[[c > 0 for c in self.key_channels].index(True)] == 2
+            self.key_tier is not None
+            and self.key_bits[self.key_tier] == 2
             and self.value_bits == 2
             and self.dtype in (torch.float16, torch.bfloat16)
             and self.head_dim in (128, 256)
@@ -605,7 +611,7 @@ class KVStore:
         """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``)."""
         lay = self.layout
         if lay.planar:
-            tier = [c > 0 for c in lay.key_channels].index(True)
+            tier = lay.key_tier
             codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, :count])  # [B,H,n,G,D]
             qparams = self.keys[f"tier{tier}_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
             k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])

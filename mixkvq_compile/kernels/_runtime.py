@@ -19,6 +19,7 @@ __all__ = [
     "layout_constexprs",
     "next_pow2",
     "num_sms",
+    "packed_groups_before",
     "scores_mask",
     "store_arguments",
     "tl",
@@ -134,3 +135,10 @@ def scores_mask(
         mv = tl.load(mask_ptr + mask_row[:, None] + pos[None, :].to(tl.int64) * smk, mask=keep, other=0.0)
         s = s + mv.to(tl.float32) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def packed_groups_before(khdr_ptr, position, S: tl.constexpr, G: tl.constexpr):
+    """The key header's packed-group count (field 4), none past ``position``: a new sequence written
+    at position 0 leaves the old count in the header until its own writes pack groups."""
+    return tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(position - S, 0) // G)

@@ -30,6 +30,7 @@ from ._runtime import (
     layout_constexprs,
     next_pow2,
     num_sms,
+    packed_groups_before,
     scores_mask,
     store_arguments,
     tl,
@@ -332,8 +333,8 @@ def _attn_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
-    if LENGTH_FROM_PTR:  # the header's packed groups, none past the length (a new sequence at 0)
-        fg = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(length - S, 0) // G)
+    if LENGTH_FROM_PTR:  # noqa: SIM108  (constexpr branch) the header's packed groups
+        fg = packed_groups_before(khdr_ptr, length, S, G)
     else:
         fg = packed
     if not FP_PART:
@@ -755,6 +756,37 @@ def decode_attention(
     warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
     # Planar stores: ``num_warps`` tunes the packed-group kernel; the full-precision launch keeps its own.
     fp_warps = (4 if block_m <= 32 else 8) if lay.planar else warps
+    # Arguments the split kernel and the planar kernel share (see their signatures).
+    common = [
+        mask_t,
+        *mstrides[:3],
+        mstrides[3],
+        part_acc,
+        part_ml,
+        length_ptr if from_ptr else part_ml,
+        keys["header"],
+        length_val,
+        packed,
+        new_len,
+        scale * LOG2E,
+        groups_per_split,
+        num_splits,
+    ]
+    common_meta = dict(
+        H=lay.heads,
+        N_REP=n_rep,
+        LQ=lq,
+        M=rows,
+        BLOCK_M=block_m,
+        D=d,
+        DV=lay.value_dim,
+        G=lay.group_size,
+        S=lay.sink_tokens,
+        NG=lay.num_groups,
+        MASK_KIND=mask_kind,
+        IS_CAUSAL=bool(causal),
+        LENGTH_FROM_PTR=from_ptr,
+    )
     args = [
         query,
         *query.stride(),
@@ -776,37 +808,13 @@ def decode_attention(
         vdata,
         vq,
         vq32,
-        mask_t,
-        *mstrides[:3],
-        mstrides[3],
-        part_acc,
-        part_ml,
-        length_ptr if from_ptr else part_ml,
-        keys["header"],
-        length_val,
-        packed,
-        new_len,
-        scale * LOG2E,
-        groups_per_split,
-        num_splits,
+        *common,
     ]
     meta = dict(
-        H=lay.heads,
-        N_REP=n_rep,
-        LQ=lq,
-        M=rows,
-        BLOCK_M=block_m,
-        D=d,
-        DV=lay.value_dim,
-        G=lay.group_size,
-        S=lay.sink_tokens,
+        **common_meta,
         W=max(lay.window, 1),
-        NG=lay.num_groups,
         **layout_constexprs(lay, tiers),
         BLOCK_R=64 if d <= 128 else 32,
-        MASK_KIND=mask_kind,
-        IS_CAUSAL=bool(causal),
-        LENGTH_FROM_PTR=from_ptr,
         HAS_NEW=has_new,
         GP=max(16, lay.group_size),
         PREC=prec,
@@ -816,7 +824,7 @@ def decode_attention(
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
     if num_splits and lay.planar:
-        codes, qparams = next((data, qp) for data, qp, channels, _, _ in tiers if channels)
+        codes, qparams = tiers[lay.key_tier][:2]
         planar_split_kernel[(bh, num_splits, q_blocks)](
             query,
             *query.stride(),
@@ -824,33 +832,9 @@ def decode_attention(
             qparams,
             vdata,
             vq,
-            mask_t,
-            *mstrides[:3],
-            mstrides[3],
-            part_acc,
-            part_ml,
-            length_ptr if from_ptr else part_ml,
-            keys["header"],
-            length_val,
-            packed,
-            new_len,
-            scale * LOG2E,
-            groups_per_split,
-            num_splits,
-            H=lay.heads,
-            N_REP=n_rep,
-            LQ=lq,
-            M=rows,
-            BLOCK_M=block_m,
-            D=d,
-            DV=lay.value_dim,
-            G=lay.group_size,
-            S=lay.sink_tokens,
-            NG=lay.num_groups,
+            *common,
+            **common_meta,
             VGS=lay.value_group_size,
-            MASK_KIND=mask_kind,
-            IS_CAUSAL=bool(causal),
-            LENGTH_FROM_PTR=from_ptr,
             INTERP=interpreting(),
             num_warps=num_warps or max(1, block_m // 16),
             num_stages=num_stages,

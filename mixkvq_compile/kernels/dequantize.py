@@ -124,7 +124,7 @@ def dequantize_groups(
             )
     keys, values = out
     if batch and count:
-        tier = [c > 0 for c in lay.key_channels].index(True)
+        tier = lay.key_tier
         _dequantize_planar_kernel[(batch * lay.heads, count)](
             store.keys[f"tier{tier}_codes"],
             store.keys[f"tier{tier}_qparams"],

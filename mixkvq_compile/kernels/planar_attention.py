@@ -26,7 +26,7 @@ reference in the tests).
 
 from __future__ import annotations
 
-from ._runtime import scores_mask, tl, triton
+from ._runtime import packed_groups_before, scores_mask, tl, triton
 
 __all__ = ["planar_split_kernel"]
 
@@ -270,7 +270,7 @@ def planar_split_kernel(
     FWV: tl.constexpr = DV // 8
     if LENGTH_FROM_PTR:
         length = tl.load(length_ptr).to(tl.int32)
-        packed = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(length - S, 0) // G)
+        packed = packed_groups_before(khdr_ptr, length, S, G)
         groups_per_split = tl.cdiv(packed, num_splits)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M

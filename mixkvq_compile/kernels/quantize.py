@@ -22,6 +22,7 @@ from ._runtime import (
     check_kernel_device,
     layout_constexprs,
     next_pow2,
+    packed_groups_before,
     store_arguments,
     tl,
     triton,
@@ -540,7 +541,7 @@ def _write_tokens_kernel(
             # One token: it makes at most one group leave the window (``StoreLayout.groups_after``);
             # field 5 tells the step's predicated flush which one. Packed groups past the position (a
             # new sequence at 0) do not count.
-            old = tl.minimum(tl.load(khdr_ptr + 4).to(tl.int32), tl.maximum(start - S, 0) // G)
+            old = packed_groups_before(khdr_ptr, start, S, G)
             fp = new_length - S - old * G
             keep = tl.maximum(RPC * fp // 1000, R)
             grow = (fp - keep >= G) & (old < NG)
