@@ -18,6 +18,7 @@ from .config import MixKVQConfig
 from .ops import is_device_step, kernels_disabled
 from .passes import PassManager
 from .passes.rewrite import fake_tensor
+from .store import StoreLayout
 
 log = logging.getLogger("mixkvq_compile")
 
@@ -130,6 +131,8 @@ def cuda_graph_blocker(gm: torch.fx.GraphModule) -> str | None:
         return "it allocates the quantized store"
     if kernels_disabled():
         return "MIXKVQ_DISABLE_KERNELS is set (the reference path reads positions on the host)"
+    if any(StoreLayout.from_key(node.args[10]).sliding for node in _attention_ops(gm)):
+        return "a sliding-window layer runs on the PyTorch path (it reads positions on the host)"
     if _has_multi_token_attention(gm):
         return "an attention has more than one query token (or a symbolic length)"
     return None

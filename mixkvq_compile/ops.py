@@ -23,13 +23,13 @@ import os
 import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from . import reference
+from . import reference, sliding
 from .store import KVStore, StoreLayout, allocate
 
 
 @torch.library.custom_op("mixkvq::new_store", mutates_args=(), device_types=None)
 def new_store(layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate a store; returns (key handle, value handle), ``[B, H, L, D]`` with zero strides."""
+    """Allocate a store; returns (key handle, value handle), ``[B, H, L, D]`` (``handle_strides``)."""
     return allocate(StoreLayout.from_key(layout), device)
 
 
@@ -40,7 +40,7 @@ def _(layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     for dim in (lay.head_dim, lay.value_dim):
         shape = (lay.batch, lay.heads, lay.capacity, dim)
         # A fresh tensor, not a view, so AOTAutograd hands the op's own output objects to the cache.
-        handles.append(torch.empty_strided(shape, (0, 0, 0, 0), dtype=lay.dtype, device=device))
+        handles.append(torch.empty_strided(shape, lay.handle_strides, dtype=lay.dtype, device=device))
     return handles[0], handles[1]
 
 
@@ -49,7 +49,7 @@ def kv_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     key_handle: torch.Tensor,
     value_handle: torch.Tensor,
     attn_mask: torch.Tensor | None,
@@ -63,10 +63,12 @@ def kv_attention(
     Args:
         query: ``[B, Hq, Lq, D]`` post-RoPE queries.
         key, value: ``[B, H, Lq, D]`` / ``[B, H, Lq, Dv]`` new keys (post-RoPE) and values.
-        positions: ``[Lq]`` int64 cache positions of the new tokens, consecutive.
+        positions: ``[Lq]`` int64 cache positions of the new tokens, consecutive; None: right after
+            the stored tokens (a sliding-window layer whose graph does not say).
         key_handle, value_handle: the store handles from ``new_store``.
         attn_mask: bool or additive mask broadcastable to ``[B, Hq, Lq, L]`` (L = cache capacity),
-            or None.
+            or None. Sliding-window stores: ``[..., M]``, its columns the positions ``max(0, end - M)
+            ..`` (end = last new position + 1), as transformers builds it for a sliding layer.
         scale: softmax scale.
         is_causal: apply causal masking by position (query at position p sees keys <= p).
         kv_limit: if >= 0, only positions < kv_limit are attended (the graph sliced the cache).
@@ -82,6 +84,14 @@ def kv_attention(
     lay = StoreLayout.from_key(layout)
     _check_shapes(lay, query, key, value)
     store = KVStore.open(lay, key_handle, value_handle)
+    if lay.sliding:
+        if positions is None:
+            start, length, packed = _header(store)
+        else:
+            start, length, packed = _host_positions(positions, store)
+        return sliding.attention(query, key, value, store, start, length, packed, attn_mask, scale, is_causal)
+    if positions is None:
+        raise ValueError("mixkvq: cache positions are required for a store that is not a sliding window")
     use_kernels = query.is_cuda and not kernels_disabled()
     if use_kernels and is_device_step(query.shape[2], kv_limit):
         return decode_step(query, key, value, positions, store, attn_mask, scale, is_causal)
@@ -293,6 +303,12 @@ def _check_shapes(lay: StoreLayout, query: torch.Tensor, key: torch.Tensor, valu
         or query.shape[3] != lay.head_dim
     ):
         raise ValueError(f"mixkvq: queries {tuple(query.shape)} do not fit the cache store")
+
+
+def _header(store: KVStore) -> tuple[int, int, int]:
+    """(tokens in the store, the same, packed groups): a write right after the stored tokens."""
+    length, packed = store.keys["header"][2:5:2].tolist()
+    return length, length, packed
 
 
 def _host_positions(positions: torch.Tensor, store: KVStore) -> tuple[int, int, int]:

@@ -5,7 +5,11 @@ values. Each blob is handed to the model as a *handle*: a tensor of the cache bu
 ``[B, H_kv, L, D]`` and dtype whose strides are all 0, so it points at one scratch element of the
 blob's header and holds no fp16 KV memory. The model's cache object (e.g. transformers'
 ``StaticLayer.keys``) keeps the handle, which keeps the blob alive; when the cache is dropped, so is
-the store. ``cache.reset()`` (``zero_()``) only writes the scratch element.
+the store. ``cache.reset()`` (``zero_()``) only writes the scratch element. A sliding-window store's
+handles have strides of 1 over a scratch region of ``B + H + L + D`` elements instead: transformers
+ends such a layer's cache update with ``buffer.copy_(...)`` (erased by the rewrite, but traced
+first), and ``copy_`` refuses a destination with a zero stride; strides of 1 overlap too, but pass
+that check.
 
 Token placement (``n`` tokens written, positions ``0..n-1``):
 - positions ``< S`` (sink tokens) stay in full precision in ``sink``;
@@ -16,6 +20,13 @@ Token placement (``n`` tokens written, positions ``0..n-1``):
   ``P = max(0, n - S - R) // G`` whatever the history of writes);
 - the full-precision rest sits in a ring buffer of ``W = min(max(R, r * (L - S)) + G, L - S)``
   slots, token ``p`` at slot ``(p - S) % W``.
+
+Sliding-window stores (``StoreLayout.sliding``, a layer that keeps only its last ``L`` tokens, e.g.
+transformers' ``StaticSlidingWindowLayer``; ``L`` is then the window, and positions grow past it):
+no sinks and no RPC; the ring has ``R + G`` slots; packed groups live in a ring of
+``num_groups = max(1, ceil((L - 1 - R) / G))`` slots, group ``g`` at slot ``g % num_groups``, which
+is exactly what the queries of the next write can see (``L`` positions back from the first of them;
+``read_recent``); older groups are overwritten. Writes only append (or start over at position 0).
 
 Key group layout (per batch row ``b``, KV head ``h``, group ``g``): ``order[b, h, g]`` is a
 permutation of the ``D`` channels, high tier first, then mid, then low (each ascending). Tier
@@ -50,6 +61,8 @@ MAGIC = 0x6D69786B7671  # "mixkvq"
 # [5] the group a decode step's append must pack (-1: none; written by the step's ring write)
 HEADER_FIELDS = 8
 ALIGN = 64
+#: Strides of a store handle (module docstring): full-attention stores, sliding-window stores.
+HANDLE_STRIDES = ((0, 0, 0, 0), (1, 1, 1, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +94,7 @@ class StoreLayout:
     value_bits: int
     salience: bool
     rpc_permille: int = 0
+    sliding: bool = False  # keeps only the last ``capacity`` tokens (module docstring)
 
     @classmethod
     def create(
@@ -92,8 +106,10 @@ class StoreLayout:
         head_dim: int,
         value_dim: int,
         dtype: torch.dtype,
+        sliding: bool = False,
     ) -> StoreLayout:
-        """Layout for a ``[batch, heads, capacity, head_dim]`` cache under ``config`` (one layer)."""
+        """Layout for a ``[batch, heads, capacity, head_dim]`` cache under ``config`` (one layer);
+        ``sliding``: a sliding-window layer of ``capacity`` tokens (no sinks, no RPC)."""
         if value_dim % config.value_group_size and config.value_bits != 16:
             raise ValueError(
                 f"value_group_size={config.value_group_size} does not divide the model's value head_dim "
@@ -110,12 +126,13 @@ class StoreLayout:
             group_size=config.group_size,
             value_group_size=config.value_group_size,
             residual_length=config.residual_length,
-            sink_tokens=min(config.sink_tokens, capacity),
+            sink_tokens=0 if sliding else min(config.sink_tokens, capacity),
             key_channels=channels,
             key_bits=config.key_bits,
             value_bits=config.value_bits,
             salience=config.key_tiering.query_aware and sum(c > 0 for c in channels) > 1,
-            rpc_permille=config.rpc_permille,
+            rpc_permille=0 if sliding else config.rpc_permille,
+            sliding=sliding,
         )
 
     def to_key(self) -> str:
@@ -141,12 +158,16 @@ class StoreLayout:
     @property
     def window(self) -> int:
         """Ring-buffer slots of the full-precision window: the most tokens a write can leave there."""
+        if self.sliding:
+            return self.residual_length + self.group_size
         span = self.capacity - self.sink_tokens
         return min(max(self.residual_length, self.rpc_permille * span // 1000) + self.group_size, span)
 
     @property
     def num_groups(self) -> int:
-        """Packed groups the store can hold."""
+        """Packed groups the store can hold (sliding stores: slots of the group ring)."""
+        if self.sliding:
+            return max(1, -(-(self.capacity - 1 - self.residual_length) // self.group_size))
         return max(0, self.capacity - self.sink_tokens - self.residual_length) // self.group_size
 
     @property
@@ -188,7 +209,8 @@ class StoreLayout:
         fp = end - self.sink_tokens - packed * self.group_size
         if fp <= 0:
             return packed
-        return min(packed + max(0, fp - self.keep(fp)) // self.group_size, self.num_groups)
+        flushed = packed + max(0, fp - self.keep(fp)) // self.group_size
+        return flushed if self.sliding else min(flushed, self.num_groups)
 
     def packed_kept(self, position: int, packed: int) -> int:
         """Of ``packed`` packed groups, those before ``position``: all of them, or none when
@@ -206,8 +228,14 @@ class StoreLayout:
 
         ``start`` must equal ``length`` (append) or lie in the full-precision window (a rewind that
         overwrites unflushed tokens; a rewind into the sinks repacks every group); writing into packed
-        groups or past the capacity is refused.
+        groups or past the capacity is refused. Sliding stores take appends only (and writes at 0,
+        which the caller turns into a reset), at any position.
         """
+        if self.sliding and start != length:
+            raise ValueError(
+                f"mixkvq sliding-window store: write at position {start} after {length} tokens; a "
+                "sliding-window layer only appends (or starts over at position 0)"
+            )
         if start > length:
             raise ValueError(f"mixkvq store: write at position {start} leaves a gap after {length} tokens")
         kept_flushed = self.sink_tokens + packed * self.group_size
@@ -217,7 +245,7 @@ class StoreLayout:
                 "rewinding a cache is supported only within the full-precision window"
             )
         end = start + count
-        if end > self.capacity:
+        if end > self.capacity and not self.sliding:
             raise ValueError(
                 f"mixkvq store: {end} tokens exceed the cache capacity of {self.capacity} "
                 "(max_cache_len); allocate a larger cache"
@@ -235,6 +263,7 @@ class StoreLayout:
         b, h, d, ng, g = self.batch, self.heads, self.head_dim, self.num_groups, self.group_size
         regions = {
             "header": ((HEADER_FIELDS,), torch.int64),
+            **self._scratch(),
             "sink": ((b, h, self.sink_tokens, d), self.dtype),
             "ring": ((b, h, self.window, d), self.dtype),
         }
@@ -261,6 +290,7 @@ class StoreLayout:
         b, h, dv, ng, g = self.batch, self.heads, self.value_dim, self.num_groups, self.group_size
         regions = {
             "header": ((HEADER_FIELDS,), torch.int64),
+            **self._scratch(),
             "sink": ((b, h, self.sink_tokens, dv), self.dtype),
             "ring": ((b, h, self.window, dv), self.dtype),
         }
@@ -273,6 +303,18 @@ class StoreLayout:
             regions["codes"] = ((b, h, ng, g, dv * self.value_bits // 8), torch.uint8)
             regions["qparams"] = ((b, h, ng, g, dv // self.value_group_size, 2), torch.float16)
         return regions
+
+    @property
+    def handle_strides(self) -> tuple[int, int, int, int]:
+        """Strides of this store's handles (module docstring)."""
+        return HANDLE_STRIDES[1] if self.sliding else HANDLE_STRIDES[0]
+
+    def _scratch(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The memory under a sliding-window handle with strides of 1 (none for zero strides)."""
+        if not self.sliding:
+            return {}
+        size = self.batch + self.heads + self.capacity + max(self.head_dim, self.value_dim)
+        return {"scratch": ((size,), self.dtype)}
 
     def blob_bytes(self, regions: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
         """Bytes of a blob holding ``regions`` (each region aligned to 64 bytes)."""
@@ -295,7 +337,7 @@ _VERIFIED: dict[int, tuple[int, int]] = {}
 
 
 def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate a fresh store; returns the (key, value) handles ``[B, H, L, D]`` with zero strides."""
+    """Allocate a fresh store; returns the (key, value) handles ``[B, H, L, D]`` (``handle_strides``)."""
     handles = []
     for regions, dim in ((layout.key_regions(), layout.head_dim), (layout.value_regions(), layout.value_dim)):
         blob = torch.zeros(layout.blob_bytes(regions), dtype=torch.uint8, device=device)
@@ -305,7 +347,8 @@ def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Ten
         header[3] = layout.fingerprint
         _VERIFIED[blob.data_ptr()] = (blob.numel(), layout.fingerprint)
         shape = (layout.batch, layout.heads, layout.capacity, dim)
-        handle = blob[: layout.dtype.itemsize].view(layout.dtype).as_strided(shape, (0, 0, 0, 0))
+        under = _region(blob, regions, "scratch") if layout.sliding else blob[: layout.dtype.itemsize]
+        handle = under.view(layout.dtype).as_strided(shape, layout.handle_strides)
         # The decode graph must read this very tensor: CUDA graphs would otherwise copy it (a copy of a
         # zero-stride tensor is one element, not the store) into a static input buffer.
         torch._dynamo.mark_static_address(handle)
@@ -315,7 +358,7 @@ def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Ten
 
 def is_handle(tensor: torch.Tensor) -> bool:
     """True for a store handle: a 4-d tensor with all-zero strides over a blob with our magic."""
-    if tensor.dim() != 4 or any(tensor.stride()) or tensor.numel() == 0:
+    if tensor.dim() != 4 or tensor.stride() not in HANDLE_STRIDES or tensor.numel() == 0:
         return False
     storage = tensor.untyped_storage()
     if storage.nbytes() < HEADER_FIELDS * 8 or tensor.device.type == "meta":
@@ -353,7 +396,7 @@ class KVStore:
         for name, handle in (("key", key_handle), ("value", value_handle)):
             storage = handle.untyped_storage()
             known = _VERIFIED.get(storage.data_ptr()) == (storage.nbytes(), layout.fingerprint)
-            if known and handle.dim() == 4 and not any(handle.stride()):
+            if known and handle.dim() == 4 and handle.stride() == layout.handle_strides:
                 continue
             if handle.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
@@ -443,6 +486,8 @@ class KVStore:
         e.g. ``kernels.dequantize.dequantize_groups``).
         """
         lay = self.layout
+        if lay.sliding:
+            raise ValueError("mixkvq: a sliding-window store is read with read_recent")
         sinks = min(lay.sink_tokens, length)
         groups = lay.packed_kept(length, self.packed_groups if packed is None else packed)
         if length < lay.sink_tokens + groups * lay.group_size:
@@ -511,8 +556,11 @@ class KVStore:
             self.values["sink"][:, :, start : start + count] = value[:, :, :count]
         # Whole groups leave the window.
         flush_tokens = (new_groups - old_groups) * lay.group_size
+        # A sliding store keeps the last ``num_groups`` of them (older ones would be overwritten).
+        dropped = max(0, new_groups - old_groups - lay.num_groups) if lay.sliding else 0
         if flush_tokens:
-            self._store_groups(old_groups, pending_k[:, :, :flush_tokens], pending_v[:, :, :flush_tokens])
+            kept = slice(dropped * lay.group_size, flush_tokens)
+            self._store_groups(old_groups + dropped, pending_k[:, :, kept], pending_v[:, :, kept])
         # The remainder goes to the ring.
         remain_start = pending_start + flush_tokens
         if end > remain_start:
@@ -527,7 +575,7 @@ class KVStore:
         lay = self.layout
         b, h, t, d = key.shape
         count, g = t // lay.group_size, lay.group_size
-        groups = slice(first, first + count)
+        groups = self._group_slots(first, first + count)
         k = key.float().reshape(b, h, count, g, d).transpose(-1, -2)  # [B, H, n, D, G]
         order = self._choose_key_order(k)
         if lay.mixed_keys:
@@ -565,6 +613,38 @@ class KVStore:
             codes, qparams = reference.quantize_groups(grouped, lay.value_bits)
             self.values["codes"][:, :, groups] = codes.reshape(b, h, count, g, -1)
             self.values["qparams"][:, :, groups] = qparams
+
+    def _group_slots(self, first: int, end: int) -> slice | torch.Tensor:
+        """Where packed groups ``first..end-1`` live: a slice, or ring slots ``[n]`` in a sliding store."""
+        if not self.layout.sliding:
+            return slice(first, end)
+        return torch.arange(first, end, device=self.keys["ring"].device) % self.layout.num_groups
+
+    def read_recent(
+        self, length: int, packed: int, first_position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sliding stores: dequantized keys ``[B, H, n, D]`` and values ``[B, H, n, Dv]`` of the tokens
+        at positions ``origin..length-1``, with ``origin`` the start of the group holding
+        ``first_position`` (or of the first unpacked token, when that is later), and ``origin``.
+
+        ``first_position`` is the oldest position a query of the next write can see (``length - L +
+        1``); the ring keeps it by construction (module docstring), which is checked.
+        """
+        lay = self.layout
+        g = lay.group_size
+        first_group = min(packed, max(0, first_position // g))
+        if first_group < packed - lay.num_groups:
+            raise RuntimeError(
+                f"mixkvq sliding-window store: position {first_position} is visible but its group was "
+                f"overwritten ({packed} groups packed in a ring of {lay.num_groups}); please report this"
+            )
+        ring = torch.arange(packed * g, length, device=self.keys["ring"].device) % lay.window
+        keys, values = self.keys["ring"][:, :, ring], self.values["ring"][:, :, ring]
+        if first_group < packed:
+            slots = self._group_slots(first_group, packed)
+            keys = torch.cat([self._dequantize_key_groups(slots).to(lay.dtype), keys], dim=2)
+            values = torch.cat([self._dequantize_value_groups(slots).to(lay.dtype), values], dim=2)
+        return keys, values, first_group * g
 
     def _choose_key_order(self, k: torch.Tensor) -> torch.Tensor:
         """Channel permutation ``[B, H, n, D]`` (int64): high tier first, each tier ascending.
@@ -607,13 +687,17 @@ class KVStore:
         count = self.keys["query_count"].clamp(min=1.0)
         return self.keys["query_abs_sum"] / count[..., None]
 
-    def _dequantize_key_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
-        """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``)."""
+    def _dequantize_key_groups(
+        self, groups: int | slice | torch.Tensor, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """float32 keys ``[B, H, n * G, D]`` of packed groups (batch ``rows``): the first ``groups`` of
+        them for an int, else the ``n`` group slots ``groups`` selects (a slice or an index tensor)."""
         lay = self.layout
+        index = slice(None, groups) if isinstance(groups, int) else groups
         if lay.planar:
             tier = lay.key_tier
-            codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, :count])  # [B,H,n,G,D]
-            qparams = self.keys[f"tier{tier}_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
+            codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, index])  # [B,H,n,G,D]
+            qparams = self.keys[f"tier{tier}_qparams"][rows, :, index].unsqueeze(3)  # [B, H, n, 1, 2, D]
             k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])
             return k.reshape(k.shape[0], k.shape[1], -1, lay.head_dim)
         parts = []
@@ -621,39 +705,42 @@ class KVStore:
             if channels == 0:
                 continue
             if bits == 16:
-                parts.append(self.keys[f"tier{tier}_values"][rows, :, :count].float())
+                parts.append(self.keys[f"tier{tier}_values"][rows, :, index].float())
             else:
                 parts.append(
                     reference.dequantize_groups(
-                        self.keys[f"tier{tier}_codes"][rows, :, :count],
-                        self.keys[f"tier{tier}_qparams"][rows, :, :count],
+                        self.keys[f"tier{tier}_codes"][rows, :, index],
+                        self.keys[f"tier{tier}_qparams"][rows, :, index],
                         bits,
                     )
                 )
         sorted_k = torch.cat(parts, dim=3)  # [B, H, n, D, G] in tier order
         if lay.mixed_keys:
-            order = self.keys["order"][rows, :, :count].long()
+            order = self.keys["order"][rows, :, index].long()
             k = torch.empty_like(sorted_k).scatter_(3, order.unsqueeze(-1).expand_as(sorted_k), sorted_k)
         else:
             k = sorted_k
         b, h, n, d, g = k.shape
         return k.transpose(-1, -2).reshape(b, h, n * g, d)
 
-    def _dequantize_value_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
-        """float32 values ``[B, H, count * G, Dv]`` of the first ``count`` packed groups (batch ``rows``)."""
+    def _dequantize_value_groups(
+        self, groups: int | slice | torch.Tensor, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """float32 values ``[B, H, n * G, Dv]`` of packed groups (batch ``rows``; ``groups`` as for keys)."""
         lay = self.layout
+        index = slice(None, groups) if isinstance(groups, int) else groups
         if lay.value_bits == 16:
-            v = self.values["values"][rows, :, :count].float()
+            v = self.values["values"][rows, :, index].float()
         elif lay.planar:
-            codes = reference.unpack_planar(self.values["codes"][rows, :, :count].transpose(-1, -2))
+            codes = reference.unpack_planar(self.values["codes"][rows, :, index].transpose(-1, -2))
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, -1, lay.value_group_size)  # [B, H, n, G, NVG, VGS]
-            qparams = self.values["qparams"][rows, :, :count].transpose(-1, -2)  # [B, H, n, 2, G, NVG]
+            qparams = self.values["qparams"][rows, :, index].transpose(-1, -2)  # [B, H, n, 2, G, NVG]
             v = reference.dequantize(grouped, qparams[:, :, :, 0, ..., None], qparams[:, :, :, 1, ..., None])
         else:
-            codes = self.values["codes"][rows, :, :count]
+            codes = self.values["codes"][rows, :, index]
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, lay.value_dim // lay.value_group_size, -1)
-            v = reference.dequantize_groups(grouped, self.values["qparams"][rows, :, :count], lay.value_bits)
+            v = reference.dequantize_groups(grouped, self.values["qparams"][rows, :, index], lay.value_bits)
         b, h, n, g = v.shape[:4]
         return v.reshape(b, h, n * g, lay.value_dim)

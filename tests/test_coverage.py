@@ -2,8 +2,7 @@
 
 For each family: preset passthrough generates exactly the eager tokens (32 new tokens, static cache),
 and preset mixkvq (``residual_length=32`` so that groups really leave the window) rewrites every
-attention layer it can and stays within a KL bound of eager. Layers the pass cannot quantize are
-asserted to be skipped with their reason, and their results are still exact.
+attention layer, sliding-window layers included, and stays within a KL bound of eager.
 """
 
 import pytest
@@ -17,11 +16,11 @@ from tests.models import left_padded_batch, mean_kl, teacher_forced_logits
 PROMPT, NEW, PADS = 40, 32, [5, 0]
 MIXKVQ = {"preset": "mixkvq", "residual_length": 32}
 KL_BOUND = 2e-2  # measured < 2e-3 on these models; a wrong dequantization gives > 0.05
-# Families -> the layers (by index) that stay unquantized, and why (a ``sites`` skip kind).
-SKIPPED_LAYERS = {
-    "mistral": {0: sites.SLIDING_WINDOW},
-    "qwen2_mixed_window": {0: sites.SLIDING_WINDOW},
-}
+# Families with 48-token sliding windows: a full-precision ring of 16 + 16 tokens, so that the window
+# is longer than the ring (else the layer stays unquantized) and groups leave it. The 40-token prompt
+# plus 32 new tokens fill the window and then roll it (``passes/window.py``).
+SMALL_RING = {"residual_length": 16, "group_size": 16}
+FAMILY_OPTIONS = {"mistral": SMALL_RING, "qwen2_mixed_window": SMALL_RING}
 FAMILIES = list(families.FAMILIES)
 
 
@@ -49,20 +48,14 @@ def compiled_run(model, eager_forward, options, ids, mask):
         model.forward = eager_forward
 
 
-def assert_layers(model_layers: int, expected_skips: dict):
-    """Every attention site of the decode graphs (cache passed in) is rewritten, except the expected
-    ones, which are skipped with the expected kind; no other site is skipped except a prefill attention
-    over fresh keys (a sliding layer whose prompt overflows its window)."""
+def assert_layers(model_layers: int):
+    """Every attention site of every graph is rewritten, and every layer has one."""
     reports = manager.site_reports
     assert reports, "no attention found"
     for report in reports:
         assert report.layer < model_layers
-        if report.layer in expected_skips:
-            assert not report.rewritten and report.kind in (expected_skips[report.layer], sites.NOT_A_CACHE)
-        else:
-            assert report.rewritten, str(mixkvq_compile.explain())
-    rewritten = {r.layer for r in reports if r.rewritten}
-    assert rewritten == set(range(model_layers)) - set(expected_skips)
+        assert report.rewritten, str(mixkvq_compile.explain())
+    assert {r.layer for r in reports} == set(range(model_layers))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,16 +66,16 @@ def test_family(family):
     eager_forward = model.forward
     eager_tokens, _ = generate(model, ids, mask)
 
-    tokens, _ = compiled_run(model, eager_forward, {"preset": "passthrough"}, ids, mask)
+    extra = FAMILY_OPTIONS.get(family, {})
+    tokens, _ = compiled_run(model, eager_forward, {"preset": "passthrough", **extra}, ids, mask)
     assert torch.equal(tokens, eager_tokens)
-    assert_layers(layers, SKIPPED_LAYERS.get(family, {}))
+    assert_layers(layers)
 
-    tokens, logits = compiled_run(model, eager_forward, MIXKVQ, ids, mask)
-    assert_layers(layers, SKIPPED_LAYERS.get(family, {}))
+    tokens, logits = compiled_run(model, eager_forward, {**MIXKVQ, **extra}, ids, mask)
+    assert_layers(layers)
     reference = teacher_forced_logits(eager_forward, tokens, mask, PROMPT)
     assert mean_kl(reference, logits) < KL_BOUND
-    if len(SKIPPED_LAYERS.get(family, {})) < layers:
-        assert not torch.allclose(logits, reference, atol=1e-6)  # groups were really quantized
+    assert not torch.allclose(logits, reference, atol=1e-6)  # groups were really quantized
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "falcon"])
@@ -94,7 +87,7 @@ def test_eager_attention_is_recognised(family):
     eager_tokens, _ = generate(model, ids, mask)
     tokens, _ = compiled_run(model, eager_forward, {"preset": "passthrough"}, ids, mask)
     assert torch.equal(tokens, eager_tokens)
-    assert_layers(model.config.num_hidden_layers, {})
+    assert_layers(model.config.num_hidden_layers)
     assert all(report.pattern == "eager" for report in manager.site_reports)
 
 

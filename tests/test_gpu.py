@@ -67,3 +67,24 @@ def test_decode_under_cuda_graphs_equals_launches(preset):
     (tokens, logits), (ref_tokens, ref_logits) = results
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(logits, ref_logits)
+
+
+def test_sliding_window_layer_next_to_a_full_layer():
+    """Qwen2 with a 48-token sliding layer and a full layer, bfloat16 on the GPU: the sliding layer
+    runs the PyTorch path (its graphs are not captured), the full layer the kernels; both quantized."""
+    from tests import families
+
+    torch._dynamo.reset()
+    mixkvq_compile.reset_counters()
+    model = families.qwen2_mixed_window(dtype=torch.bfloat16).cuda()
+    ids, mask = left_padded_batch(families.VOCAB, 2, 60, pads=[5, 0])
+    ids, mask = ids.cuda(), mask.cuda()
+    eager_forward = model.forward
+    options = {"preset": "mixkvq", "residual_length": 16, "group_size": 16}
+    model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)
+    tokens, logits = generate(model, ids, mask, 24)
+    counters = mixkvq_compile.counters
+    assert counters["attention_rewritten"] == counters["attention_found"] == 4
+    reference = teacher_forced_logits(eager_forward, tokens, mask, 60)
+    assert mean_kl(reference, logits) < 2e-2
+    assert not torch.allclose(logits, reference, atol=1e-6)

@@ -3,7 +3,9 @@
 Order (each step sees the graph the previous one left):
 1. ``find_sites``: every attention (SDPA or eager matmul-softmax-matmul), matched to its cache buffers
    and writes, or skipped with a reason and a kind.
-2. ``frame.cache_layer_sliding``: sliding-window cache layers (read from the traced frame) are skipped.
+2. ``window.resolve``: the rolled, concatenated and fresh graphs of a sliding-window layer become
+   sliding sites; ``frame.cache_layer_sliding`` (read from the traced frame) marks the plain sites of
+   sliding-window layers (written with ``index_copy_`` until the window is full) as sliding too.
 3. ``layer_overrides`` check: an override for a layer the graph does not have is an error.
 4. ``check_site``: metadata checks (dtype, head_dim, shapes, buffer ownership); failures are skipped.
 5. ``rewrite_site``: allocation -> ``mixkvq::new_store``; writes + attention -> ``mixkvq::kv_attention``.
@@ -30,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from ..config import MixKVQConfig
-from . import frame, rewrite, runtime_checks, sites
+from ..store import HANDLE_STRIDES
+from . import frame, rewrite, runtime_checks, sites, window
 
 log = logging.getLogger("mixkvq_compile")
 
@@ -83,30 +86,24 @@ class PassManager:
     def uuid(self) -> str:
         """Changes whenever a pass's source or the config changes (compiled-graph cache key)."""
         digest = hashlib.sha256(repr(self.config).encode())
-        for module in (sites, rewrite, frame, runtime_checks):
+        for module in (sites, window, rewrite, frame, runtime_checks):
             digest.update(inspect.getsource(module).encode())
         return digest.hexdigest()
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         graph_number = counters["graphs"]
         counters["graphs"] += 1
-        found = sites.find_sites(gm.graph)
+        found = window.resolve(sites.find_sites(gm.graph), gm.graph)
         self._check_layer_overrides(len(found))
         sliding = frame.cache_layer_sliding() if found else None
         if sliding is not None and any(sliding) and len(sliding) != len(found):
-            sliding = [True] * len(found)  # cannot map sites to layers: treat every layer as sliding
+            # Sites cannot be mapped to layers: treat every layer as sliding. A full layer then gets a
+            # sliding store as long as its cache, which keeps (and attends over) all its tokens.
+            sliding = [True] * len(found)
         for layer, site in enumerate(found):
             counters["attention_found"] += 1
             if isinstance(site, sites.AttentionSite) and sliding and sliding[layer]:
-                site = sites.SkippedSite(
-                    site.sdpa,
-                    "sliding-window cache layer (transformers StaticSlidingWindowLayer rolls its buffer "
-                    "once the window is full); quantizing a rolling window is not supported, the layer "
-                    "stays unquantized",
-                    sites.SLIDING_WINDOW,
-                    site.pattern,
-                    (site.key_buffer, site.value_buffer),
-                )
+                site.sliding = True
             if isinstance(site, sites.SkippedSite):
                 self._skip(gm.graph, graph_number, layer, site, site.reason, site.kind)
                 continue
@@ -178,7 +175,7 @@ def _is_store_handle(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "placeholder":
         return False
     value = rewrite.fake_tensor(node)
-    return value is not None and value.dim() == 4 and value.numel() > 0 and not any(value.stride())
+    return value is not None and value.dim() == 4 and value.numel() > 0 and value.stride() in HANDLE_STRIDES
 
 
 def _insert_cache_check(graph: fx.Graph, site: sites.AttentionSite) -> None:

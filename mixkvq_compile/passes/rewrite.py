@@ -4,15 +4,17 @@ For each ``AttentionSite`` (see ``sites.py``):
 - an in-graph buffer pair ``torch.zeros([B, H, L, D])`` becomes ``mixkvq::new_store`` (the store
   handles take the buffers' place everywhere, including the graph outputs that hand them to the
   model's cache object);
-- the two cache writes and the SDPA become one ``mixkvq::kv_attention``;
+- the two cache writes and the SDPA become one ``mixkvq::kv_attention`` (for a sliding-window layer,
+  with the rest of its cache update: ``window.py``);
 - the view chains that only fed the SDPA are erased.
-Sites whose buffers are graph inputs must be store handles (all strides 0): a plain fp16 buffer
+Sites whose buffers are graph inputs must be store handles (``HANDLE_STRIDES``): a plain fp16 buffer
 allocated outside the compiled graph is reported and left untouched.
 
 Supported shapes (``check_site``): model dtype float16/bfloat16/float32; head_dim a power of two in
 ``SUPPORTED_HEAD_DIMS`` (what the Triton kernels take: powers of two >= 8; we require >= 16 so value
-groups fit) and divisible by ``value_group_size`` when values are quantized. Anything else keeps its
-eager (unquantized) attention, with a warning naming the reason.
+groups fit) and divisible by ``value_group_size`` when values are quantized; a sliding-window layer
+at least as long as its full-precision ring (``residual_length + group_size`` tokens). Anything else
+keeps its eager (unquantized) attention, with a warning naming the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.mixkvq)
 from ..config import MixKVQConfig
-from ..store import StoreLayout
+from ..store import HANDLE_STRIDES, StoreLayout
 from .sites import AttentionSite, sdpa_args
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,10 +66,18 @@ def check_site(site: AttentionSite, config: MixKVQConfig | None = None) -> str |
             )
     if config is not None:
         try:
-            layout_for(site, config)
+            layout = layout_for(site, config)
         except ValueError as error:
             return str(error)
-    if site.key_buffer.op != "call_function" and any(key_meta.stride() + value_meta.stride()):
+        if layout.sliding and layout.capacity < layout.window:
+            return (
+                f"sliding-window layer of {layout.capacity} tokens, fewer than its full-precision ring "
+                f"(residual_length + group_size = {layout.window}): quantizing would not shrink it; lower "
+                "residual_length to quantize it"
+            )
+    if site.key_buffer.op != "call_function" and not {key_meta.stride(), value_meta.stride()} <= set(
+        HANDLE_STRIDES
+    ):
         return (
             "cache buffers are plain tensors allocated outside the compiled graph (an eager prefill, or "
             "module buffers allocated by e.g. setup_caches()): run the prefill through the forward "
@@ -88,6 +98,7 @@ def layout_for(site: AttentionSite, config: MixKVQConfig) -> StoreLayout:
         int(head_dim),
         int(value_meta.shape[-1]),
         key_meta.dtype,
+        sliding=site.sliding,
     )
 
 
@@ -105,14 +116,19 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
             new.meta.update(old.meta)
     query = site.query
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(fake_tensor(query).shape[-1])
+    positions = site.positions
     with graph.inserting_before(site.sdpa):
+        if site.fresh:  # a new sequence: positions 0..n-1
+            count = graph.call_method("size", (site.new_key, 2))
+            device = fake_tensor(site.new_key).device
+            positions = graph.call_function(torch.arange, (count,), {"device": device})
         attention = graph.call_function(
             torch.ops.mixkvq.kv_attention.default,
             (
                 query,
                 site.new_key,
                 site.new_value,
-                site.positions,
+                positions,
                 key_handle,
                 value_handle,
                 site.attn_mask,
@@ -125,7 +141,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
     attention.meta.update(site.sdpa.meta)
     site.sdpa.replace_all_uses_with(attention)
     dead = [site.sdpa]
-    for write in (site.key_write, site.value_write):
+    for write in (site.key_write, site.value_write, *site.extra_writes):
         if not write.users:
             dead.append(write)
     _erase_dead(graph, dead, keep={site.key_buffer, site.value_buffer})

@@ -67,6 +67,9 @@ class AttentionSite:
     pattern: str = "sdpa"  # "sdpa" or "eager"
     key_read: Any = None  # the node the attention read the keys from (erased with its view chain)
     value_read: Any = None
+    sliding: bool = False  # a sliding-window layer: the store keeps the buffer's length in tokens
+    fresh: bool = False  # the write starts a new sequence at position 0 (``positions`` is None)
+    extra_writes: tuple = ()  # more nodes of the cache update, erased with the writes (``window.py``)
 
     @property
     def allocates(self) -> bool:
@@ -83,6 +86,7 @@ class SkippedSite:
     kind: str = UNSUPPORTED
     pattern: str = "sdpa"
     buffers: tuple = ()
+    attention: Any = None  # the ``_Attention`` (for ``window.resolve``)
 
 
 @dataclasses.dataclass
@@ -132,7 +136,7 @@ def _match(att: _Attention, writes: dict, order: dict) -> AttentionSite | Skippe
     sdpa = att.node
 
     def skip(reason: str, kind: str = UNSUPPORTED, buffers: tuple = ()) -> SkippedSite:
-        return SkippedSite(sdpa, reason, kind, att.pattern, buffers)
+        return SkippedSite(sdpa, reason, kind, att.pattern, buffers, att)
 
     if att.dropout_p not in (0, 0.0):
         return skip("attention dropout is active (training graph)")
@@ -439,6 +443,19 @@ def _strip_views(node) -> tuple[fx.Node | None, int | None]:
             return (node, limit) if _is_buffer_like(node) else (None, None)
         node = node.args[0]
     return None, None
+
+
+def view_base(node):
+    """The node behind a chain of plain views (full-slice indexing, expand, reshape, view, contiguous,
+    a head repeat): what an attention really reads."""
+    while isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target in ("expand", "reshape", "view", "contiguous"))
+        or (node.op == "call_function" and node.target is torch.reshape)
+        or (node.op == "call_function" and node.target is operator.getitem and _is_plain_index(node.args[1]))
+        or _is_head_repeat(node)
+    ):
+        node = node.args[0]
+    return node
 
 
 def _is_head_repeat(node: fx.Node) -> bool:
