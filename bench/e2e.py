@@ -22,7 +22,9 @@ decode steps in its second half (a logits processor synchronizes and takes the t
 the decode graph was compiled in the first steps); prefill and first-call times are then that call's
 time to the first token, compiles included. Weights do not change speed, so random weights measure the
 real cost. The byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth.
-Results go to stdout (a table) and, when ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
+``--sliding-window W`` builds the same shape as a Mistral model whose every layer keeps a W-token window
+(KV / fp16 is then against a 16-bit cache of the window). Results go to stdout (a table) and, when
+``$OUT`` is set, to ``$OUT/e2e.jsonl``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ import torch
 import torch.nn.functional as F
 
 
-def llama3_8b(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama3_8b(layers: int, sliding_window: int = 0):
+    """The Llama-3-8B shape with random weights; ``sliding_window`` > 0: the same shape as a Mistral
+    model whose every layer has that window."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    config = LlamaConfig(
+    config_cls, model_cls, extra = LlamaConfig, LlamaForCausalLM, {}
+    if sliding_window:
+        config_cls, model_cls, extra = MistralConfig, MistralForCausalLM, {"sliding_window": sliding_window}
+    config = config_cls(
         vocab_size=128256,
         hidden_size=4096,
         intermediate_size=14336,
@@ -49,9 +56,10 @@ def llama3_8b(layers: int):
         head_dim=128,
         max_position_embeddings=131072,
         rope_theta=500000.0,
+        **extra,
     )
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -180,10 +188,13 @@ def set_method(model, method: str):
     return eager_forward
 
 
-def kv_bytes(cache) -> int:
+def kv_bytes(cache) -> tuple[int, int]:
+    """(bytes the KV cache holds, bytes of a 16-bit cache of the same capacity: the window of a
+    sliding-window layer, ``max_cache_len`` of a full one)."""
     import mixkvq_compile
 
-    return mixkvq_compile.memory_report(cache).held_bytes
+    report = mixkvq_compile.memory_report(cache)
+    return report.held_bytes, report.fp16_capacity_bytes
 
 
 def run(
@@ -220,10 +231,9 @@ def run(
         step = (total - prefill) / (new_tokens - 1)
     peak = torch.cuda.max_memory_allocated()
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-    held = kv_bytes(cache)
+    held, fp16_kv = kv_bytes(cache)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     roofline = (weights + held) / bandwidth
-    fp16_kv = 2 * model.config.num_hidden_layers * batch * 8 * (context + new_tokens) * 128 * 2
     result = {
         "method": method,
         "batch": batch,
@@ -241,6 +251,7 @@ def run(
         "rewritten": mixkvq_compile.counters["attention_rewritten"],
         "prefill_chunk": chunk,
         "single_call": single,
+        "sliding_window": getattr(model.config, "sliding_window", None) or 0,
     }
     del out, cache
     model.forward = eager_forward
@@ -263,6 +274,9 @@ def main() -> None:
     parser.add_argument(
         "--single-call", action="store_true", help="one generate() per point (largest-batch probes)"
     )
+    parser.add_argument(
+        "--sliding-window", type=int, default=0, help="> 0: every layer a sliding window of this many tokens"
+    )
     args = parser.parse_args()
 
     from transformers import AttentionInterface
@@ -272,7 +286,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-    model = llama3_8b(args.layers)
+    model = llama3_8b(args.layers, args.sliding_window)
     results = []
     out_path = os.path.join(os.environ["OUT"], "e2e.jsonl") if os.environ.get("OUT") else None
     for context in map(int, args.contexts.split(",")):

@@ -127,6 +127,12 @@ class MixKVQConfig:
             traced, op by op (no Inductor compile: a prompt graph runs once per ``generate``, and on
             CPU compiling it took longer than running it: 39 s of the cold quickstart's 148 s); ``"auto"``
             (default): eager on CPU, Inductor on CUDA. One-token decode graphs always use Inductor.
+        quantize_sliding_windows: quantize sliding-window layers in a store that keeps only their
+            window (default). Their attention runs in PyTorch, not in the fused kernels: on an
+            H200, an 8B-shaped model whose every layer has a 4096-token window decoded 8 x 8k tokens
+            at 119.6 ms per step against 13.8 ms in fp16 (``docs/performance.md``). False keeps them in
+            the model's dtype (logged), so that a model with many sliding layers decodes at fp16
+            speed; its full-attention layers are still quantized.
     """
 
     key_bits: tuple[int, int, int] = (16, 4, 2)
@@ -144,10 +150,12 @@ class MixKVQConfig:
     layer_plan: str | None = None
     cuda_graphs: bool = True
     prefill_compiler: str = "auto"
+    quantize_sliding_windows: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs={self.cuda_graphs!r}: expected True or False")
+        for name in ("cuda_graphs", "quantize_sliding_windows"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         if self.prefill_compiler not in PREFILL_COMPILERS:
             raise ValueError(
                 f"prefill_compiler={self.prefill_compiler!r}: allowed values are {list(PREFILL_COMPILERS)}"

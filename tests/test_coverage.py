@@ -78,14 +78,16 @@ def test_family(family):
     assert not torch.allclose(logits, reference, atol=1e-6)  # groups were really quantized
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "mistral"])
 def test_eager_attention_is_recognised(family):
-    """attn_implementation="eager" (matmul, scale, mask add, softmax, cast, dropout, matmul)."""
+    """attn_implementation="eager" (matmul, scale, mask add, softmax, cast, dropout, matmul); Mistral's
+    sliding window also in its rolled graph."""
     model = families.FAMILIES[family](attn="eager")
     ids, mask = left_padded_batch(families.VOCAB, 2, PROMPT, pads=PADS)
     eager_forward = model.forward
     eager_tokens, _ = generate(model, ids, mask)
-    tokens, _ = compiled_run(model, eager_forward, {"preset": "passthrough"}, ids, mask)
+    options = {"preset": "passthrough", **FAMILY_OPTIONS.get(family, {})}
+    tokens, _ = compiled_run(model, eager_forward, options, ids, mask)
     assert torch.equal(tokens, eager_tokens)
     assert_layers(model.config.num_hidden_layers)
     assert all(report.pattern == "eager" for report in manager.site_reports)

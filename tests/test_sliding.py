@@ -176,3 +176,27 @@ def test_second_generate_starts_clean():
     finally:
         model.forward = eager
     assert torch.equal(tokens, expected)
+
+
+def test_sliding_windows_can_be_kept_unquantized():
+    """``quantize_sliding_windows=False``: the sliding layer of a mixed model stays in the model's dtype in
+    every graph (fresh prompt, rolled decode), the full layer is still rewritten, results are exact."""
+    model = families.qwen2_mixed_window()
+    eager = model.forward
+    ids, mask = left_padded_batch(families.VOCAB, 2, 60, pads=[5, 0])
+    eager_tokens, _, _ = _generate(model, ids, mask, 16)
+    torch._dynamo.reset()
+    mixkvq_compile.reset_counters()
+    options = {"preset": "passthrough", "quantize_sliding_windows": False}
+    model.forward = torch.compile(eager, backend="mixkvq", options=options)
+    try:
+        tokens, _, cache = _generate(model, ids, mask, 16)
+    finally:
+        model.forward = eager
+    assert torch.equal(tokens, eager_tokens)
+    reports = manager.site_reports
+    assert {r.layer for r in reports if r.rewritten} == {1}
+    assert all(
+        r.kind == "sliding_window" and "quantize_sliding_windows" in r.reason for r in reports if r.layer == 0
+    )
+    assert [layer.quantized for layer in mixkvq_compile.memory_report(cache).layers] == [False, True]

@@ -5,7 +5,8 @@ Order (each step sees the graph the previous one left):
    and writes, or skipped with a reason and a kind.
 2. ``window.resolve``: the rolled, concatenated and fresh graphs of a sliding-window layer become
    sliding sites; ``frame.cache_layer_sliding`` (read from the traced frame) marks the plain sites of
-   sliding-window layers (written with ``index_copy_`` until the window is full) as sliding too.
+   sliding-window layers (written with ``index_copy_`` until the window is full) as sliding too;
+   with ``quantize_sliding_windows=False`` every sliding site is skipped (kind ``SLIDING_WINDOW``).
 3. ``layer_overrides`` check: an override for a layer the graph does not have is an error.
 4. ``check_site``: metadata checks (dtype, head_dim, shapes, buffer ownership); failures are skipped.
 5. ``rewrite_site``: allocation -> ``mixkvq::new_store``; writes + attention -> ``mixkvq::kv_attention``.
@@ -104,6 +105,15 @@ class PassManager:
             counters["attention_found"] += 1
             if isinstance(site, sites.AttentionSite) and sliding and sliding[layer]:
                 site.sliding = True
+            keep = not self.config.quantize_sliding_windows
+            if isinstance(site, sites.AttentionSite) and site.sliding and keep:
+                site = sites.SkippedSite(
+                    site.sdpa,
+                    "sliding-window layer kept in the model's dtype (quantize_sliding_windows=False)",
+                    sites.SLIDING_WINDOW,
+                    site.pattern,
+                    (site.key_buffer, site.value_buffer),
+                )
             if isinstance(site, sites.SkippedSite):
                 self._skip(gm.graph, graph_number, layer, site, site.reason, site.kind)
                 continue
@@ -160,6 +170,8 @@ class PassManager:
         site_reports.append(SiteReport(graph_number, layer, name, site.pattern, False, kind, reason))
         if kind == sites.NOT_A_CACHE:
             log.debug("graph %d: attention %s has no KV cache to quantize: %s", graph_number, name, reason)
+        elif kind == sites.SLIDING_WINDOW:
+            log.info("graph %d: attention %s (layer %d): %s", graph_number, name, layer, reason)
         elif kind == sites.DYNAMIC_CACHE:
             log.debug("graph %d: attention %s left unquantized: %s", graph_number, name, reason)
             if not _warned_dynamic:

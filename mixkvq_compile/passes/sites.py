@@ -165,9 +165,8 @@ def _match(att: _Attention, writes: dict, order: dict) -> AttentionSite | Skippe
     for buffer in buffers:
         if _is_rolled(buffer, order, sdpa):
             return skip(
-                "sliding-window cache layer (the buffer is rolled and overwritten with copy_ once the "
-                "window is full); quantizing a rolling window is not supported, the layer stays "
-                "unquantized",
+                "sliding-window cache layer whose rolled buffer (roll + copy_) does not match the "
+                "pattern of passes/window.py; the layer stays unquantized",
                 SLIDING_WINDOW,
                 tuple(buffers),
             )
