@@ -89,7 +89,9 @@ def kv_attention(
             start, length, packed = _header(store)
         else:
             start, length, packed = _host_positions(positions, store)
-        return sliding.attention(query, key, value, store, start, length, packed, attn_mask, scale, is_causal)
+        return sliding.attention(
+            query, key, value, store, start, length, packed, attn_mask, scale, is_causal, kv_limit
+        )
     if positions is None:
         raise ValueError("mixkvq: cache positions are required for a store that is not a sliding window")
     use_kernels = query.is_cuda and not kernels_disabled()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
-from . import reference
 from .store import KVStore
 
 log = logging.getLogger("mixkvq_compile")
@@ -32,10 +32,14 @@ def attention(
     attn_mask: torch.Tensor | None,
     scale: float,
     is_causal: bool,
+    kv_limit: int = -1,
 ) -> torch.Tensor:
     """Attend ``query`` (``[B, Hq, Lq, D]``, at positions ``start..``) to the window of stored tokens
     plus the new ``key``/``value`` (``[B, H, Lq, D]``), then append them; a write at position 0 starts
-    a new sequence. Returns ``[B, Hq, Lq, Dv]`` in ``query.dtype``."""
+    a new sequence. ``length``/``packed``: the store header's counts. ``kv_limit`` >= 0: only positions
+    below it are visible (the graph read a slice of a window that is not full yet, where positions
+    are buffer slots). One SDPA with ``enable_gqa`` (no K/V copies per query head). Returns
+    ``[B, Hq, Lq, Dv]`` in ``query.dtype``."""
     lay = store.layout
     if query.is_cuda and not _warned_cuda:
         _warned_cuda.append(True)
@@ -48,40 +52,47 @@ def attention(
         length = packed = 0
     lay.plan_write(length, packed, start, key.shape[2])  # appends only
     end = start + query.shape[2]
+    new_positions = torch.arange(start, end, device=query.device)
+    keys, values, positions = key.to(lay.dtype), value.to(lay.dtype), new_positions
     if start:
-        past_key, past_value, origin = store.read_recent(start, packed, start - lay.capacity + 1)
-        keys = torch.cat([past_key, key.to(lay.dtype)], dim=2)
-        values = torch.cat([past_value, value.to(lay.dtype)], dim=2)
-    else:
-        keys, values, origin = key.to(lay.dtype), value.to(lay.dtype), 0
-    mask = window_mask(attn_mask, origin, start, end, lay.capacity, is_causal, query.device)
-    out = reference.attention(query, keys, values, mask, scale, None).contiguous()
+        reader = None
+        if lay.planar and query.is_cuda:  # one Triton pass over the packed groups
+            from .kernels.dequantize import dequantize_groups as reader
+        past_key, past_value, past_positions = store.read_window(start, packed, reader)
+        keys = torch.cat([past_key, keys], dim=2)
+        values = torch.cat([past_value, values], dim=2)
+        positions = torch.cat([past_positions, new_positions])
+    mask = window_mask(attn_mask, positions, start, end, lay.capacity, is_causal, kv_limit)
+    out = F.scaled_dot_product_attention(
+        query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+    )
     store.accumulate_queries(query)
-    store.append(key, value, start)
+    store.append(key, value, start, length=length, packed=packed)
     return out
 
 
 def window_mask(
     attn_mask: torch.Tensor | None,
-    origin: int,
+    positions: torch.Tensor,
     start: int,
     end: int,
     window: int,
     is_causal: bool,
-    device: torch.device,
+    kv_limit: int = -1,
 ) -> torch.Tensor:
-    """Mask ``[..., end - start, end - origin]`` of the queries at ``start..end-1`` over the keys at
-    ``origin..end-1``: inside the window, causal when ``is_causal``, and the model's mask (module
-    docstring) where it has a column; keys before its first column are outside every window.
-    Boolean (True = attend) unless ``attn_mask`` is additive."""
-    k_pos = torch.arange(origin, end, device=device)
-    q_pos = torch.arange(start, end, device=device)[:, None]
-    visible = k_pos > q_pos - window
+    """Mask ``[..., end - start, n]`` of the queries at ``start..end-1`` over keys at ``positions``
+    (``[n]``, any order): inside the window, causal when ``is_causal``, below ``kv_limit`` when it is
+    >= 0, and the model's mask (module docstring) where it has a column; keys before its first column
+    are outside every window. Boolean (True = attend) unless ``attn_mask`` is additive."""
+    q_pos = torch.arange(start, end, device=positions.device)[:, None]
+    visible = positions > q_pos - window
     if is_causal:
-        visible &= k_pos <= q_pos
+        visible &= positions <= q_pos
+    if kv_limit >= 0:
+        visible &= positions < kv_limit
     if attn_mask is None:
         return visible
-    columns = k_pos - max(0, end - attn_mask.shape[-1])
+    columns = positions - max(0, end - attn_mask.shape[-1])
     visible &= columns >= 0
     model = attn_mask[..., columns.clamp(min=0)]
     if model.dtype == torch.bool:

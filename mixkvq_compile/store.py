@@ -26,7 +26,7 @@ transformers' ``StaticSlidingWindowLayer``; ``L`` is then the window, and positi
 no sinks and no RPC; the ring has ``R + G`` slots; packed groups live in a ring of
 ``num_groups = max(1, ceil((L - 1 - R) / G))`` slots, group ``g`` at slot ``g % num_groups``, which
 is exactly what the queries of the next write can see (``L`` positions back from the first of them;
-``read_recent``); older groups are overwritten. Writes only append (or start over at position 0).
+``read_window``); older groups are overwritten. Writes only append (or start over at position 0).
 
 Key group layout (per batch row ``b``, KV head ``h``, group ``g``): ``order[b, h, g]`` is a
 permutation of the ``D`` channels, high tier first, then mid, then low (each ascending). Tier
@@ -487,7 +487,7 @@ class KVStore:
         """
         lay = self.layout
         if lay.sliding:
-            raise ValueError("mixkvq: a sliding-window store is read with read_recent")
+            raise ValueError("mixkvq: a sliding-window store is read with read_window")
         sinks = min(lay.sink_tokens, length)
         groups = lay.packed_kept(length, self.packed_groups if packed is None else packed)
         if length < lay.sink_tokens + groups * lay.group_size:
@@ -528,14 +528,25 @@ class KVStore:
         self.keys["query_abs_sum"].add_(grouped.sum(dim=(2, 3)))
         self.keys["query_count"].add_(float(grouped.shape[2] * lq))
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, start: int) -> None:
+    def append(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        start: int,
+        length: int | None = None,
+        packed: int | None = None,
+    ) -> None:
         """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..start+Lq-1`` and flush groups.
 
         ``start`` must equal the current length (append) or lie in the full-precision residual (a
-        rewind that overwrites unflushed tokens); writing into packed groups is refused.
+        rewind that overwrites unflushed tokens); writing into packed groups is refused. ``length``
+        and ``packed``: the header's token and packed-group counts when the caller has read them
+        (saves two device syncs on CUDA).
         """
         lay = self.layout
-        plan = lay.plan_write(self.length, self.packed_groups, start, key.shape[2])
+        length = self.length if length is None else length
+        packed = self.packed_groups if packed is None else packed
+        plan = lay.plan_write(length, packed, start, key.shape[2])
         end, old_groups, new_groups, pending_start = (
             plan.end,
             plan.old_groups,
@@ -620,31 +631,43 @@ class KVStore:
             return slice(first, end)
         return torch.arange(first, end, device=self.keys["ring"].device) % self.layout.num_groups
 
-    def read_recent(
-        self, length: int, packed: int, first_position: int
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sliding stores: dequantized keys ``[B, H, n, D]`` and values ``[B, H, n, Dv]`` of the tokens
-        at positions ``origin..length-1``, with ``origin`` the start of the group holding
-        ``first_position`` (or of the first unpacked token, when that is later), and ``origin``.
-
-        ``first_position`` is the oldest position a query of the next write can see (``length - L +
-        1``); the ring keeps it by construction (module docstring), which is checked.
+    def read_window(
+        self, length: int, packed: int, dequantize_groups=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sliding stores: every token held, dequantized: keys ``[B, H, n, D]``, values ``[B, H, n, Dv]``
+        and their positions ``[n]`` (int64). The packed groups come in ring-slot order, not by
+        position (attention does not depend on the order of its keys, and slots ``0..count-1`` are
+        one contiguous read), then the full-precision ring. Groups older than the window are still
+        there until overwritten; the caller masks by position. ``dequantize_groups``: as in
+        ``read_into`` (planar stores on the GPU: ``kernels.dequantize.dequantize_groups``).
         """
         lay = self.layout
-        g = lay.group_size
-        first_group = min(packed, max(0, first_position // g))
-        if first_group < packed - lay.num_groups:
+        g, device = lay.group_size, self.keys["ring"].device
+        count = min(packed, lay.num_groups)
+        oldest_visible = max(0, length - lay.capacity + 1) // g
+        if oldest_visible < packed - count:
             raise RuntimeError(
-                f"mixkvq sliding-window store: position {first_position} is visible but its group was "
-                f"overwritten ({packed} groups packed in a ring of {lay.num_groups}); please report this"
+                f"mixkvq sliding-window store: group {oldest_visible} is visible but was overwritten "
+                f"({packed} groups packed in a ring of {lay.num_groups}); please report this"
             )
-        ring = torch.arange(packed * g, length, device=self.keys["ring"].device) % lay.window
-        keys, values = self.keys["ring"][:, :, ring], self.values["ring"][:, :, ring]
-        if first_group < packed:
-            slots = self._group_slots(first_group, packed)
-            keys = torch.cat([self._dequantize_key_groups(slots).to(lay.dtype), keys], dim=2)
-            values = torch.cat([self._dequantize_value_groups(slots).to(lay.dtype), values], dim=2)
-        return keys, values, first_group * g
+        fp_positions = torch.arange(packed * g, length, device=device)
+        keys = self.keys["ring"][:, :, fp_positions % lay.window]
+        values = self.values["ring"][:, :, fp_positions % lay.window]
+        if not count:
+            return keys, values, fp_positions
+        slots = torch.arange(count, device=device)
+        held = packed - 1 - (packed - 1 - slots) % lay.num_groups  # the group in each slot
+        positions = (held[:, None] * g + torch.arange(g, device=device)).reshape(-1)
+        if dequantize_groups is not None:
+            group_keys, group_values = dequantize_groups(self, count)
+        else:
+            group_keys = self._dequantize_key_groups(count).to(lay.dtype)
+            group_values = self._dequantize_value_groups(count).to(lay.dtype)
+        return (
+            torch.cat([group_keys, keys], dim=2),
+            torch.cat([group_values, values], dim=2),
+            torch.cat([positions, fp_positions]),
+        )
 
     def _choose_key_order(self, k: torch.Tensor) -> torch.Tensor:
         """Channel permutation ``[B, H, n, D]`` (int64): high tier first, each tier ascending.

@@ -38,8 +38,8 @@ def make_store(config, capacity, sliding, head_dim, dtype):
     seed=st.integers(0, 2**31),
 )
 def test_window_matches_a_full_store(chunks, window, preset, seed):
-    """After every append, ``read_recent`` returns the tokens a full store holds at the same positions,
-    bit for bit, from a group start at or before the oldest visible position."""
+    """After every append, ``read_window`` returns every position the next write's queries can see,
+    each token bit-identical to what a full store fed the same tokens holds at that position."""
     config = dataclasses.replace(PRESETS[preset], **SMALL_RING)
     head_dim, dtype = (32, torch.float32) if preset == "mixkvq" else (128, torch.float16)  # planar
     total = sum(chunks)
@@ -54,10 +54,11 @@ def test_window_matches_a_full_store(chunks, window, preset, seed):
         for store in (sliding, full):
             store.append(keys[:, :, start : start + size], values[:, :, start : start + size], start)
         start += size
-        got_k, got_v, origin = sliding.read_recent(start, sliding.packed_groups, start - window + 1)
+        got_k, got_v, positions = sliding.read_window(start, sliding.packed_groups)
         want_k, want_v = full.read(start)
-        assert origin <= max(0, start - window + 1) and origin % config.group_size == 0
-        assert torch.equal(got_k, want_k[:, :, origin:]) and torch.equal(got_v, want_v[:, :, origin:])
+        assert set(range(max(0, start - window + 1), start)) <= set(positions.tolist())
+        assert len(set(positions.tolist())) == positions.numel()
+        assert torch.equal(got_k, want_k[:, :, positions]) and torch.equal(got_v, want_v[:, :, positions])
         assert sliding.packed_groups == full.packed_groups
 
 
@@ -176,6 +177,25 @@ def test_second_generate_starts_clean():
     finally:
         model.forward = eager
     assert torch.equal(tokens, expected)
+
+
+def test_a_sliced_window_read():
+    """One unpadded row: the prompt's attention has no mask, ``is_causal`` and reads the first 20 slots
+    of the 23-token buffer (``kv_limit``, here the prompt itself); passthrough gives the eager tokens."""
+    model = families.qwen2_mixed_window()
+    eager = model.forward
+    ids, mask = left_padded_batch(families.VOCAB, 1, 20, pads=[0])
+    eager_tokens, _, _ = _generate(model, ids, mask, 3)
+    torch._dynamo.reset()
+    mixkvq_compile.reset_counters()
+    options = {"preset": "passthrough", "residual_length": 8, "group_size": 8}
+    model.forward = torch.compile(eager, backend="mixkvq", options=options)
+    try:
+        tokens, _, _ = _generate(model, ids, mask, 3)
+    finally:
+        model.forward = eager
+    assert torch.equal(tokens, eager_tokens)
+    assert manager.site_reports and all(r.rewritten for r in manager.site_reports)
 
 
 def test_sliding_windows_can_be_kept_unquantized():
