@@ -130,7 +130,7 @@ class MixKVQConfig:
         quantize_sliding_windows: quantize sliding-window layers in a store that keeps only their
             window (default). Their attention runs in PyTorch, not in the fused kernels: on an
             H200, an 8B-shaped model whose every layer has a 4096-token window decoded 8 x 8k tokens
-            at 119.6 ms per step against 13.8 ms in fp16 (``docs/performance.md``). False keeps them in
+            at 49.7 ms per step against 13.2 ms in fp16 (``docs/performance.md``). False keeps them in
             the model's dtype (logged), so that a model with many sliding layers decodes at fp16
             speed; its full-attention layers are still quantized.
     """

@@ -45,7 +45,8 @@ def attention(
         _warned_cuda.append(True)
         log.warning(
             "mixkvq: sliding-window layers run on the PyTorch path (the fused kernels cover full-attention "
-            "layers); their KV cache is quantized, their decode is not faster than fp16"
+            "layers): their KV cache is quantized but their decode is slower than fp16; "
+            "options={'quantize_sliding_windows': False} keeps them in the model's dtype"
         )
     if start == 0:
         store.reset()
@@ -65,7 +66,7 @@ def attention(
     mask = window_mask(attn_mask, positions, start, end, lay.capacity, is_causal, kv_limit)
     out = F.scaled_dot_product_attention(
         query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scale, enable_gqa=True
-    )
+    ).contiguous()  # the op's fake output is contiguous; CUDA SDPA may return another layout
     store.accumulate_queries(query)
     store.append(key, value, start, length=length, packed=packed)
     return out
