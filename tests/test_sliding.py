@@ -25,9 +25,9 @@ SMALL_RING = {"residual_length": 16, "group_size": 16}
 KL_BOUND = 2e-2  # measured 2e-4 on these runs; a wrong window or mask gives > 0.1
 
 
-def make_store(config, capacity, sliding, head_dim, dtype, device="cpu"):
+def make_store(config, capacity, sliding, head_dim, dtype):
     layout = StoreLayout.create(config, 2, 2, capacity, head_dim, head_dim, dtype, sliding=sliding)
-    return KVStore.open(layout, *allocate(layout, device))
+    return KVStore.open(layout, *allocate(layout, "cpu"))
 
 
 @settings(deadline=None, max_examples=20)
@@ -236,16 +236,15 @@ def test_fused_window_matches_the_pytorch_path(preset, head_dim, dtype, queries)
 
     config = dataclasses.replace(PRESETS[preset], **SMALL_RING)
     window, length = 64, 150  # 8 groups packed in a ring of 3 slots: slots hold groups 6, 7, 5
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
     generator = torch.Generator().manual_seed(7)
-    tokens = torch.randn(2, 2, length + queries, head_dim, generator=generator).to(device, dtype)
-    query = torch.randn(2, 4, queries, head_dim, generator=generator).to(device, dtype)
+    tokens = torch.randn(2, 2, length + queries, head_dim, generator=generator).to(dtype)
+    query = torch.randn(2, 4, queries, head_dim, generator=generator).to(dtype)
     width = window + queries - 1  # transformers' mask of a full sliding layer: the window's positions
-    model_mask = torch.ones(2, 1, queries, width, dtype=torch.bool, device=device)
+    model_mask = torch.ones(2, 1, queries, width, dtype=torch.bool)
     model_mask[1, :, :, 5] = False
     outputs = []
     for fused in (True, False):
-        store = make_store(config, window, True, head_dim, dtype, device)
+        store = make_store(config, window, True, head_dim, dtype)
         store.append(tokens[:, :, :length], tokens[:, :, :length] * 0.5, 0)
         assert store.packed_groups == 8 and store.layout.num_groups == 3
         new = tokens[:, :, length:]
