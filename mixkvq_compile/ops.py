@@ -89,9 +89,8 @@ def kv_attention(
             start, length, packed = _header(store)
         else:
             start, length, packed = _host_positions(positions, store)
-        fused = query.is_cuda and not kernels_disabled() and query.shape[2] <= FUSED_MAX_QUERY
         return sliding.attention(
-            query, key, value, store, start, length, packed, attn_mask, scale, is_causal, kv_limit, fused
+            query, key, value, store, start, length, packed, attn_mask, scale, is_causal, kv_limit
         )
     if positions is None:
         raise ValueError("mixkvq: cache positions are required for a store that is not a sliding window")

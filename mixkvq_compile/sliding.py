@@ -4,10 +4,8 @@ tokens (``W`` = the layout's capacity), so only those are quantized and held.
 A query at position ``p`` sees the keys at positions ``p - W + 1 .. p`` (transformers' sliding
 window: ``kv_idx > q_idx - W``), restricted further by the model's mask, whose ``M`` columns are the
 positions ``max(0, end - M) .. end - 1`` (``end`` = the last new position + 1): transformers builds
-the mask of a sliding layer over its window, not over the whole sequence. On the GPU, up to
-``ops.FUSED_MAX_QUERY`` query tokens after a stored prefix run the fused decode kernel over the
-store in its own order (ring slots first); the store positions are read on the host, so these
-layers' graphs are not CUDA graphs. Longer chunks, and the CPU, dequantize and run SDPA.
+the mask of a sliding layer over its window, not over the whole sequence. This path runs in PyTorch
+on every device (the fused Triton kernels read the store of a full-attention layer only).
 """
 
 from __future__ import annotations
@@ -35,22 +33,19 @@ def attention(
     scale: float,
     is_causal: bool,
     kv_limit: int = -1,
-    fused: bool = False,
 ) -> torch.Tensor:
     """Attend ``query`` (``[B, Hq, Lq, D]``, at positions ``start..``) to the window of stored tokens
     plus the new ``key``/``value`` (``[B, H, Lq, D]``), then append them; a write at position 0 starts
     a new sequence. ``length``/``packed``: the store header's counts. ``kv_limit`` >= 0: only positions
     below it are visible (the graph read a slice of a window that is not full yet, where positions
-    are buffer slots). ``fused``: after a stored prefix, attend with ``decode_attention`` (the fused
-    Triton kernel) in the store's own order, the mask built for it; otherwise dequantize and run one
-    SDPA with ``enable_gqa`` (no K/V copies per query head). Returns ``[B, Hq, Lq, Dv]`` in
-    ``query.dtype``."""
+    are buffer slots). One SDPA with ``enable_gqa`` (no K/V copies per query head). Returns
+    ``[B, Hq, Lq, Dv]`` in ``query.dtype``."""
     lay = store.layout
     if query.is_cuda and not _warned_cuda:
         _warned_cuda.append(True)
         log.warning(
-            "mixkvq: sliding-window layers read the store positions on the host and are not captured in "
-            "CUDA graphs: their KV cache is quantized but their decode is slower than fp16; "
+            "mixkvq: sliding-window layers run on the PyTorch path (the fused kernels cover full-attention "
+            "layers): their KV cache is quantized but their decode is slower than fp16; "
             "options={'quantize_sliding_windows': False} keeps them in the model's dtype"
         )
     if start == 0:
@@ -59,13 +54,6 @@ def attention(
     lay.plan_write(length, packed, start, key.shape[2])  # appends only
     end = start + query.shape[2]
     new_positions = torch.arange(start, end, device=query.device)
-    if start and fused:
-        out = _fused(
-            query, key, value, store, start, packed, new_positions, attn_mask, scale, is_causal, kv_limit
-        )
-        store.accumulate_queries(query)
-        store.append(key, value, start, length=length, packed=packed)
-        return out
     keys, values, positions = key.to(lay.dtype), value.to(lay.dtype), new_positions
     if start:
         reader = None
@@ -84,30 +72,6 @@ def attention(
     return out
 
 
-def _fused(query, key, value, store, start, packed, new_positions, attn_mask, scale, is_causal, kv_limit):
-    """``decode_attention`` over the store in ``window_positions`` order: its packed groups are the
-    ring's first ``count`` slots, its full-precision tokens follow (``ring_offset`` maps them to their
-    ring slots), and the mask is built over that order."""
-    from .kernels.decode_attention import decode_attention
-
-    lay = store.layout
-    positions, count = store.window_positions(start, packed)
-    every = torch.cat([positions, new_positions])
-    mask = window_mask(attn_mask, every, start, start + query.shape[2], lay.capacity, is_causal, kv_limit)
-    return decode_attention(
-        query,
-        store,
-        positions.numel(),
-        mask,
-        scale,
-        new_key=key,
-        new_value=value,
-        causal=is_causal,
-        packed=count,
-        ring_offset=(packed - count) * lay.group_size,
-    )
-
-
 def window_mask(
     attn_mask: torch.Tensor | None,
     positions: torch.Tensor,
@@ -116,7 +80,6 @@ def window_mask(
     window: int,
     is_causal: bool,
     kv_limit: int = -1,
-    fused: bool = False,
 ) -> torch.Tensor:
     """Mask ``[..., end - start, n]`` of the queries at ``start..end-1`` over keys at ``positions``
     (``[n]``, any order): inside the window, causal when ``is_causal``, below ``kv_limit`` when it is

@@ -631,11 +631,16 @@ class KVStore:
             return slice(first, end)
         return torch.arange(first, end, device=self.keys["ring"].device) % self.layout.num_groups
 
-    def window_positions(self, length: int, packed: int) -> tuple[torch.Tensor, int]:
-        """Sliding stores: positions ``[n]`` (int64) of every token held, in the order ``read_window``
-        returns them (the packed groups in ring-slot order, then the full-precision ring), and the
-        number of group slots in use. Groups older than the window are still there until overwritten;
-        the caller masks by position."""
+    def read_window(
+        self, length: int, packed: int, dequantize_groups=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sliding stores: every token held, dequantized: keys ``[B, H, n, D]``, values ``[B, H, n, Dv]``
+        and their positions ``[n]`` (int64). The packed groups come in ring-slot order, not by
+        position (attention does not depend on the order of its keys, and slots ``0..count-1`` are
+        one contiguous read), then the full-precision ring. Groups older than the window are still
+        there until overwritten; the caller masks by position. ``dequantize_groups``: as in
+        ``read_into`` (planar stores on the GPU: ``kernels.dequantize.dequantize_groups``).
+        """
         lay = self.layout
         g, device = lay.group_size, self.keys["ring"].device
         count = min(packed, lay.num_groups)
@@ -646,32 +651,23 @@ class KVStore:
                 f"({packed} groups packed in a ring of {lay.num_groups}); please report this"
             )
         fp_positions = torch.arange(packed * g, length, device=device)
-        slots = torch.arange(count, device=device)
-        held = packed - 1 - (packed - 1 - slots) % max(lay.num_groups, 1)  # the group in each slot
-        positions = (held[:, None] * g + torch.arange(g, device=device)).reshape(-1)
-        return torch.cat([positions, fp_positions]), count
-
-    def read_window(
-        self, length: int, packed: int, dequantize_groups=None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sliding stores: every token held, dequantized: keys ``[B, H, n, D]``, values ``[B, H, n, Dv]``
-        and their positions ``[n]`` (``window_positions``: ring-slot order, not by position; attention
-        does not depend on the order of its keys, and slots ``0..count-1`` are one contiguous read).
-        ``dequantize_groups``: as in ``read_into`` (planar stores on the GPU:
-        ``kernels.dequantize.dequantize_groups``).
-        """
-        lay = self.layout
-        positions, count = self.window_positions(length, packed)
-        fp_slots = positions[count * lay.group_size :] % lay.window
-        keys, values = self.keys["ring"][:, :, fp_slots], self.values["ring"][:, :, fp_slots]
+        keys = self.keys["ring"][:, :, fp_positions % lay.window]
+        values = self.values["ring"][:, :, fp_positions % lay.window]
         if not count:
-            return keys, values, positions
+            return keys, values, fp_positions
+        slots = torch.arange(count, device=device)
+        held = packed - 1 - (packed - 1 - slots) % lay.num_groups  # the group in each slot
+        positions = (held[:, None] * g + torch.arange(g, device=device)).reshape(-1)
         if dequantize_groups is not None:
             group_keys, group_values = dequantize_groups(self, count)
         else:
             group_keys = self._dequantize_key_groups(count).to(lay.dtype)
             group_values = self._dequantize_value_groups(count).to(lay.dtype)
-        return torch.cat([group_keys, keys], dim=2), torch.cat([group_values, values], dim=2), positions
+        return (
+            torch.cat([group_keys, keys], dim=2),
+            torch.cat([group_values, values], dim=2),
+            torch.cat([positions, fp_positions]),
+        )
 
     def _choose_key_order(self, k: torch.Tensor) -> torch.Tensor:
         """Channel permutation ``[B, H, n, D]`` (int64): high tier first, each tier ascending.

@@ -220,38 +220,3 @@ def test_sliding_windows_can_be_kept_unquantized():
         r.kind == "sliding_window" and "quantize_sliding_windows" in r.reason for r in reports if r.layer == 0
     )
     assert [layer.quantized for layer in mixkvq_compile.memory_report(cache).layers] == [False, True]
-
-
-@pytest.mark.parametrize(
-    "preset, head_dim, dtype",
-    [("kivi2", 128, torch.float16), ("mixkvq", 32, torch.float32)],
-    ids=["planar-kernel", "split-kernel"],
-)
-@pytest.mark.parametrize("queries", [1, 3])
-def test_fused_window_matches_the_pytorch_path(preset, head_dim, dtype, queries):
-    """The fused kernel over a sliding store in its own order (groups wrapped around the ring, the
-    full-precision ring offset) against dequantize-then-SDPA, with GQA 2:1 and a model mask over the
-    window that hides one visible column of one row."""
-    from mixkvq_compile import sliding
-
-    config = dataclasses.replace(PRESETS[preset], **SMALL_RING)
-    window, length = 64, 150  # 8 groups packed in a ring of 3 slots: slots hold groups 6, 7, 5
-    generator = torch.Generator().manual_seed(7)
-    tokens = torch.randn(2, 2, length + queries, head_dim, generator=generator).to(dtype)
-    query = torch.randn(2, 4, queries, head_dim, generator=generator).to(dtype)
-    width = window + queries - 1  # transformers' mask of a full sliding layer: the window's positions
-    model_mask = torch.ones(2, 1, queries, width, dtype=torch.bool)
-    model_mask[1, :, :, 5] = False
-    outputs = []
-    for fused in (True, False):
-        store = make_store(config, window, True, head_dim, dtype)
-        store.append(tokens[:, :, :length], tokens[:, :, :length] * 0.5, 0)
-        assert store.packed_groups == 8 and store.layout.num_groups == 3
-        new = tokens[:, :, length:]
-        outputs.append(
-            sliding.attention(
-                query, new, new * 0.5, store, length, length, 8, model_mask, head_dim**-0.5, True, -1, fused
-            )
-        )
-    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-3, rtol=2e-3)
-    assert outputs[0].abs().max() > 0.05

@@ -229,9 +229,7 @@ def _value_tile(
     return v
 
 
-@triton.jit(
-    do_not_specialize=["ring_offset", "length", "packed", "new_len", "groups_per_split", "num_splits"]
-)
+@triton.jit(do_not_specialize=["length", "packed", "new_len", "groups_per_split", "num_splits"])
 def _attn_split_kernel(
     q_ptr,
     sqb,
@@ -262,7 +260,6 @@ def _attn_split_kernel(
     vdata_ptr,
     vq_ptr,
     vq32_ptr,
-    ring_offset,
     mask_ptr,
     smb,
     smh,
@@ -472,7 +469,7 @@ def _attn_split_kernel(
             is_sink = i < sinks
             pos = tl.where(is_sink, i, ring_start + i - sinks)
             sink_row = tl.where(is_sink, i, 0)
-            slot = tl.where(is_sink, 0, (pos - S + ring_offset) % W)
+            slot = tl.where(is_sink, 0, (pos - S) % W)
             sink_off = bh64 * (S * D) + sink_row[:, None] * D + dk[None, :]
             ring_off = bh64 * (W * D) + slot[:, None] * D + dk[None, :]
             k = tl.where(
@@ -620,7 +617,6 @@ def decode_attention(
     fp_stages: int = 1,
     gather: bool = False,
     packed: int | None = None,
-    ring_offset: int = 0,
 ) -> torch.Tensor:
     """Attention of ``query`` over the first ``length`` stored tokens (plus optional new tokens).
 
@@ -645,9 +641,6 @@ def decode_attention(
         packed: the store's packed-group count when ``length`` is an int and the caller knows it
             (default: read from the store's header, a device sync on CUDA); with a tensor length the
             kernel reads it from the header.
-        ring_offset: the full-precision ring holds, at the kernel's position ``p``, the token of
-            position ``p + ring_offset`` (``sliding.py`` reads a sliding-window store in coordinates
-            where its ``packed`` groups are the ring's first slots; 0 otherwise).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in ``query.dtype``; equals ``reference.attention(query, *store.read(length)
@@ -688,9 +681,8 @@ def decode_attention(
                 f"decode_attention: new_key {tuple(new_key.shape)} / new_value {tuple(new_value.shape)} must "
                 f"be [B, H, Ln, D] / [B, H, Ln, Dv] with B={bsz}, H={lay.heads}, D={d}, Dv={lay.value_dim}"
             )
-    held = lay.num_groups * lay.group_size + lay.window if lay.sliding else lay.capacity
-    if not from_ptr and length_val > held:
-        raise ValueError(f"decode_attention: length={length_val} exceeds the store capacity {held}")
+    if not from_ptr and length_val > lay.capacity:
+        raise ValueError(f"decode_attention: length={length_val} exceeds the store capacity {lay.capacity}")
     if not from_ptr and length_val + new_len < lq:
         raise ValueError(f"decode_attention: {lq} queries but only {length_val + new_len} keys")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -816,7 +808,6 @@ def decode_attention(
         vdata,
         vq,
         vq32,
-        ring_offset,
         *common,
     ]
     meta = dict(
