@@ -131,7 +131,7 @@ def _layer_memory(index: int, keys: torch.Tensor, values: torch.Tensor, tokens: 
         tokens=tokens,
         held_bytes=held,
         fp16_capacity_bytes=per_token * capacity,
-        fp16_token_bytes=per_token * tokens,
+        fp16_token_bytes=per_token * min(tokens, capacity),  # a sliding window holds its last tokens
         dense_capacity_bytes=per_token * capacity * keys.dtype.itemsize // FP16_BYTES,
     )
 

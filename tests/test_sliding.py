@@ -121,6 +121,7 @@ def test_mistral_generate(prompt):
         assert not torch.allclose(logits, reference, atol=1e-6)
         report = mixkvq_compile.memory_report(cache)
         assert report.layers[0].quantized and report.held_bytes < report.dense_capacity_bytes
+        assert report.fp16_token_bytes == report.fp16_capacity_bytes  # the window, not all tokens
 
 
 @pytest.mark.parametrize("chunk", [16, 20], ids=["full-then-concatenated", "becoming-full"])

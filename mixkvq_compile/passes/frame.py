@@ -1,8 +1,9 @@
 """What the graph cannot say about a cache, read from the frame Dynamo is compiling.
 
 The FX graph of a transformers model does not say which cache layers are sliding-window layers: a
-``StaticSlidingWindowLayer`` writes with ``index_copy_`` like a full layer until its window is full,
-then rolls the buffer (``roll`` + ``copy_``), which a quantized store cannot follow. Dynamo guards
+``StaticSlidingWindowLayer`` writes with ``index_copy_`` like a full layer until its window is full
+(then it rolls the buffer, which ``window.py`` recognises), so its first graphs need a sliding-window
+store although nothing in them shows it. Dynamo guards
 on every cache layer object it reads (``L['kwargs']['cache'].layers[0]``); we evaluate those guard
 sources against the frame's locals and read the class attribute ``is_sliding`` (present in
 transformers 5.x). Best effort: outside Dynamo, or if anything fails, ``None`` (unknown).
