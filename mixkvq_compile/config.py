@@ -111,8 +111,10 @@ class MixKVQConfig:
             right after a prompt of P tokens about ``r * P`` stay in full precision and the window
             shrinks back over the next decode steps (to below ``G / (1 - r)`` tokens with R = 0). 0 (the
             default) is the fixed window: R to R + G - 1 tokens. The ring buffer is allocated for the
-            largest window, ``max(R, r * capacity) + G`` tokens, for the whole run.
-        sink_tokens: first tokens of the sequence kept in full precision forever (0 = none).
+            largest window, ``max(R, r * capacity) + G`` tokens, for the whole run. Sliding-window
+            layers use the fixed window (r = 0).
+        sink_tokens: first tokens of the sequence kept in full precision forever (0 = none; none
+            in sliding-window layers, whose window drops them).
         layer_overrides: ``{layer_index: {field: value}}`` for fields in ``LAYER_OVERRIDE_FIELDS``;
             layer_index counts attention sites in graph order (the model's layer order).
         layer_plan: path of a JSON layer plan written by ``mixkvq-profile`` (KVmix bits and/or
