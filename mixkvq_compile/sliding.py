@@ -93,9 +93,12 @@ def window_mask(
         visible &= positions < kv_limit
     if attn_mask is None:
         return visible
-    columns = positions - max(0, end - attn_mask.shape[-1])
-    visible &= columns >= 0
-    model = attn_mask[..., columns.clamp(min=0)]
+    if attn_mask.shape[-1] == 1:  # broadcast over the keys
+        model = attn_mask
+    else:
+        columns = positions - max(0, end - attn_mask.shape[-1])
+        visible &= columns >= 0
+        model = attn_mask[..., columns.clamp(min=0)]
     if model.dtype == torch.bool:
         return model & visible
     return model.masked_fill(~visible, float("-inf"))

@@ -221,3 +221,36 @@ def test_sliding_windows_can_be_kept_unquantized():
         r.kind == "sliding_window" and "quantize_sliding_windows" in r.reason for r in reports if r.layer == 0
     )
     assert [layer.quantized for layer in mixkvq_compile.memory_report(cache).layers] == [False, True]
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    start=st.integers(1, 120),
+    queries=st.integers(1, 5),
+    window=st.sampled_from([8, 33, 48]),
+    additive=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_window_mask_against_a_dense_rule(start, queries, window, additive, seed):
+    """``window_mask`` over shuffled key positions equals, key by key, the rule: inside the window,
+    causal, and the model's mask column ``position - max(0, end - M)`` (hidden before column 0);
+    a one-column mask broadcasts."""
+    from mixkvq_compile.sliding import window_mask
+
+    end = start + queries
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(end, generator=generator)[: max(1, end // 2)]
+    width = min(end, window + queries - 1)
+    model = torch.rand(2, 1, queries, width, generator=generator) > 0.2
+    for mask in (model, model[..., :1]):
+        given_mask = torch.where(mask, 0.0, float("-inf")) if additive else mask
+        got = window_mask(given_mask, positions, start, end, window, True)
+        got = torch.isfinite(got) if additive else got
+        origin = 0 if mask.shape[-1] == 1 else max(0, end - mask.shape[-1])
+        for qi in range(queries):
+            q = start + qi
+            for ki, p in enumerate(positions.tolist()):
+                column = 0 if mask.shape[-1] == 1 else p - origin
+                expected = (q - window < p <= q) & (column >= 0)
+                expected = expected & mask[:, 0, qi, max(column, 0)]
+                assert torch.equal(got[:, 0, qi, ki], expected), (qi, p)
