@@ -133,8 +133,9 @@ class MixKVQConfig:
             window (default). Their attention runs in PyTorch, not in the fused kernels: on an
             H200, an 8B-shaped model whose every layer has a 4096-token window decoded 8 x 8k tokens
             at 49.7 ms per step against 13.2 ms in fp16 (``docs/performance.md``). False keeps them in
-            the model's dtype (logged), so that a model with many sliding layers decodes at fp16
-            speed; its full-attention layers are still quantized.
+            the model's dtype (logged): their attention is the model's own, the full-attention
+            layers are still quantized, and a decode graph with a quantized layer and no sliding
+            store is again captured in a CUDA graph (speed not measured).
     """
 
     key_bits: tuple[int, int, int] = (16, 4, 2)
