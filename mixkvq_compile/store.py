@@ -356,9 +356,15 @@ def allocate(layout: StoreLayout, device: torch.device | str) -> tuple[torch.Ten
     return handles[0], handles[1]
 
 
+def has_handle_shape(tensor: torch.Tensor) -> bool:
+    """True for a non-empty 4-d tensor with a store handle's strides (``HANDLE_STRIDES``); fake
+    tensors included (no memory is read)."""
+    return tensor.dim() == 4 and tensor.numel() > 0 and tensor.stride() in HANDLE_STRIDES
+
+
 def is_handle(tensor: torch.Tensor) -> bool:
-    """True for a store handle: a 4-d tensor with all-zero strides over a blob with our magic."""
-    if tensor.dim() != 4 or tensor.stride() not in HANDLE_STRIDES or tensor.numel() == 0:
+    """True for a store handle: ``has_handle_shape`` over a blob with our magic."""
+    if not has_handle_shape(tensor):
         return False
     storage = tensor.untyped_storage()
     if storage.nbytes() < HEADER_FIELDS * 8 or tensor.device.type == "meta":

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..config import MixKVQConfig
-from ..store import HANDLE_STRIDES
+from ..store import has_handle_shape
 from . import frame, rewrite, runtime_checks, sites, window
 
 log = logging.getLogger("mixkvq_compile")
@@ -187,7 +187,7 @@ def _is_store_handle(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "placeholder":
         return False
     value = rewrite.fake_tensor(node)
-    return value is not None and value.dim() == 4 and value.numel() > 0 and value.stride() in HANDLE_STRIDES
+    return value is not None and has_handle_shape(value)
 
 
 def _insert_cache_check(graph: fx.Graph, site: sites.AttentionSite) -> None:

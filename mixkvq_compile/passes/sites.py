@@ -425,9 +425,7 @@ def _strip_views(node) -> tuple[fx.Node | None, int | None]:
     reshape, view and contiguous; (None, None) when the chain holds anything else."""
     limit = None
     while isinstance(node, fx.Node):
-        if node.op in ("placeholder", "get_attr") or (
-            node.op == "call_function" and node.target in ZEROS_TARGETS
-        ):
+        if is_buffer(node):
             return node, limit
         is_getitem = node.op == "call_function" and node.target is operator.getitem
         stop = _token_limit(node.args[1]) if is_getitem else None
@@ -470,14 +468,28 @@ def _is_head_repeat(node: fx.Node) -> bool:
 
 def _token_limit(index) -> int | None:
     """n for an index ``(:, :, :n)`` or ``(:, :, :n, :)`` with an int n > 0, else None."""
+    part = token_slice(index)
+    plain = part is not None and part.start in (None, 0)
+    return part.stop if plain and isinstance(part.stop, int) and part.stop > 0 else None
+
+
+def token_slice(index) -> slice | None:
+    """The slice of an index ``(:, :, a:b)`` or ``(:, :, a:b, :)`` (step 1), else None."""
     full = slice(None, None, None)
     if not isinstance(index, tuple) or len(index) not in (3, 4) or any(p != full for p in index[:2]):
         return None
     if len(index) == 4 and index[3] != full:
         return None
     part = index[2]
-    plain = isinstance(part, slice) and part.start in (None, 0) and part.step in (None, 1)
-    return part.stop if plain and isinstance(part.stop, int) and part.stop > 0 else None
+    return part if isinstance(part, slice) and part.step in (None, 1) else None
+
+
+def is_buffer(node) -> bool:
+    """A cache buffer: a graph input (placeholder, attribute) or an in-graph ``torch.zeros``."""
+    return isinstance(node, fx.Node) and (
+        node.op in ("placeholder", "get_attr")
+        or (node.op == "call_function" and node.target in ZEROS_TARGETS)
+    )
 
 
 def _is_plain_index(index) -> bool:

@@ -24,9 +24,10 @@ from .sites import (
     DYNAMIC_CACHE,
     NOT_A_CACHE,
     SLIDING_WINDOW,
-    ZEROS_TARGETS,
     AttentionSite,
     SkippedSite,
+    is_buffer,
+    token_slice,
     view_base,
 )
 
@@ -82,7 +83,7 @@ def match(att, order: dict) -> AttentionSite | None:
 
 def _rolled(buffer, order: dict, attention: fx.Node):
     """(buffer, new token, (copy_, setitem, roll), False) for the rolled graph, else None."""
-    if not _is_buffer(buffer):
+    if not is_buffer(buffer):
         return None
     rolls = [u for u in buffer.users if _method(u, "roll") and u.args[0] is buffer]
     copies = [u for u in buffer.users if _method(u, "copy_") and u.args[0] is buffer]
@@ -114,7 +115,7 @@ def _concatenated(cat, order: dict, attention: fx.Node):
     if not (isinstance(prefix, fx.Node) and prefix.target is operator.getitem):
         return None
     buffer = prefix.args[0]
-    if not _is_buffer(buffer) or _token_slice(prefix.args[1]) is None:
+    if not is_buffer(buffer) or token_slice(prefix.args[1]) is None:
         return None
     copy = _tail_copy(cat, buffer)
     if copy is None or not _before(order, copy, attention):
@@ -124,13 +125,13 @@ def _concatenated(cat, order: dict, attention: fx.Node):
 
 def _fresh(new, order: dict, attention: fx.Node):
     """(buffer, new tokens, (copy_,), True) for the fresh graph, else None."""
-    if not isinstance(new, fx.Node) or _is_buffer(new):
+    if not isinstance(new, fx.Node) or is_buffer(new):
         return None
     copies = []
     for user in new.users:
         if user.op == "call_function" and user.target is operator.getitem:
             copies += [
-                c for c in user.users if _method(c, "copy_") and c.args[1] is user and _is_buffer(c.args[0])
+                c for c in user.users if _method(c, "copy_") and c.args[1] is user and is_buffer(c.args[0])
             ]
     if len(copies) != 1 or not _before(order, copies[0], attention):
         return None
@@ -145,30 +146,13 @@ def _tail_copy(source: fx.Node, buffer: fx.Node) -> fx.Node | None:
     for user in source.users:
         if user.op != "call_function" or user.target is not operator.getitem:
             continue
-        part = _token_slice(user.args[1])
+        part = token_slice(user.args[1])
         if part is None or not (isinstance(part.start, int) and part.start < 0 and part.stop is None):
             continue
         for copy in user.users:
             if _method(copy, "copy_") and copy.args[0] is buffer and copy.args[1] is user:
                 return copy
     return None
-
-
-def _token_slice(index) -> slice | None:
-    """The slice of an index ``(:, :, a:b)`` or ``(:, :, a:b, :)``, else None."""
-    if not isinstance(index, tuple) or len(index) not in (3, 4) or index[:2] != (_FULL, _FULL):
-        return None
-    if len(index) == 4 and index[3] != _FULL:
-        return None
-    part = index[2]
-    return part if isinstance(part, slice) and part.step in (None, 1) else None
-
-
-def _is_buffer(node) -> bool:
-    return isinstance(node, fx.Node) and (
-        node.op in ("placeholder", "get_attr")
-        or (node.op == "call_function" and node.target in ZEROS_TARGETS)
-    )
 
 
 def _method(node: fx.Node, name: str) -> bool:
