@@ -511,6 +511,20 @@ def test_planar_decode_tensor_length_and_masked_groups(head_dim, dtype, query_dt
     assert _rel(out, ref) < tol
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_planar_decode_odd_group_count_per_split(num_splits):
+    """Three packed groups: the kernel takes groups two at a time, so one split ends on a lone group
+    (its missing partner must count for nothing), with and without a mask on the last group."""
+    store, _, _ = _planar_store(128, torch.float16, tokens=150, seed=13)
+    assert store.packed_groups == 3
+    query = torch.randn(2, 4, 1, 128, dtype=torch.float16, device=DEVICE)
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 66:100] = False  # the third group of row 1, and two tokens of the ring
+    for m in (None, mask):
+        out, ref = _run(query, store, 150, mask=m, num_splits=num_splits)
+        assert _rel(out, ref) < TOL[torch.float16]
+
+
 def test_planar_decode_query_chunk_additive_mask_and_new_tokens():
     """Four causal queries with an additive mask and 4 new full-precision tokens, over a planar store."""
     store, _, _ = _planar_store(128, torch.float16, seed=9)
