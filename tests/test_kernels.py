@@ -513,8 +513,8 @@ def test_planar_decode_tensor_length_and_masked_groups(head_dim, dtype, query_dt
 
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_planar_decode_odd_group_count_per_split(num_splits):
-    """Three packed groups: the kernel takes groups two at a time, so one split ends on a lone group
-    (its missing partner must count for nothing), with and without a mask on the last group."""
+    """Three packed groups split unevenly (one split of three, or splits of two and one), with and without
+    a mask over the last group."""
     store, _, _ = _planar_store(128, torch.float16, tokens=150, seed=13)
     assert store.packed_groups == 3
     query = torch.randn(2, 4, 1, 128, dtype=torch.float16, device=DEVICE)

@@ -39,8 +39,6 @@ from ._runtime import (
 )
 from .planar_attention import planar_split_kernel
 
-PLANAR_PAIR = bool(int(__import__("os").environ.get("MIXKVQ_PLANAR_PAIR", "1")))  # A/B knob (temporary)
-
 __all__ = ["decode_attention"]
 
 LOG2E = 1.4426950408889634
@@ -837,7 +835,6 @@ def decode_attention(
             *common,
             **common_meta,
             VGS=lay.value_group_size,
-            PAIR=PLANAR_PAIR,
             INTERP=interpreting(),
             num_warps=num_warps or max(1, block_m // 16),
             num_stages=num_stages,

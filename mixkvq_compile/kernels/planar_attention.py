@@ -132,7 +132,7 @@ def _group_scores(
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
-    words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))
+    words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))  # [FW, G] int16
     kq = kqp_ptr + gi * (2 * D)
     s = tl.zeros([BLOCK_M, G], tl.float32)
     sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
@@ -173,12 +173,10 @@ def _group_values(
     FPG: tl.constexpr = VGS // FW  # fields per value group
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
-    words = tl.trans(tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :]))
+    words = tl.trans(tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :]))  # [G, FW] int16
     vq = vqp_ptr + gi * (2 * NVG * G)
     c = tl.arange(0, 16)
-    vzt = tl.load(  # [G, 16]
-        vq + NVG * G + c[None, :] * G + t[:, None], mask=(c < NVG)[None, :], other=0.0
-    )
+    vzt = tl.load(vq + NVG * G + c[None, :] * G + t[:, None], mask=(c < NVG)[None, :], other=0.0)  # [G, 16]
     za = tl.dot(p.to(tl.float16), vzt, za)
     pf = p.to(tl.float16)
     for f in tl.static_range(8):
@@ -216,31 +214,6 @@ def _store_field(
     zc = tl.sum(tl.where((tl.arange(0, 16) == g)[None, :], za, 0.0), 1)
     a = a * (_inv_weight(F_) * 16777216.0) + zc[:, None]
     tl.store(part_acc_ptr + part[:, None] * DV + F_ * FW + c[None, :], a, mask=row_ok[:, None])
-
-
-@triton.jit
-def _scaled_masked(
-    s,
-    pos,
-    row_ok,
-    qpos,
-    mask_ptr,
-    mask_row,
-    smk,
-    score_scale,
-    MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    """Base-2 scores ``[BLOCK_M, G]`` of a group at key positions ``pos``: ``s * score_scale`` with the
-    causal rule, the attention mask and (``ROWS``) the rows not in ``row_ok`` at -inf."""
-    if MASK_KIND != 0 or IS_CAUSAL or ROWS:
-        s = scores_mask(
-            s, pos, pos >= 0, row_ok, qpos, mask_ptr, mask_row, smk, score_scale, MASK_KIND, IS_CAUSAL
-        )
-    else:
-        s = s * score_scale
-    return s
 
 
 @triton.jit(do_not_specialize=["length", "packed", "new_len", "groups_per_split", "num_splits"])
@@ -283,7 +256,6 @@ def planar_split_kernel(
     MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     LENGTH_FROM_PTR: tl.constexpr,
-    PAIR: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
@@ -331,33 +303,15 @@ def planar_split_kernel(
     base = bh.to(tl.int64) * NG
     tok = tl.arange(0, G)
     score_scale = qk_scale * 16.0  # undoes QSCALE
-    for grp in range(g0, g1, PAIR + 1):
-        # PAIR: groups grp and grp + 1 in one step (their loads overlap; one rescale for both).
+    for grp in range(g0, g1):
         gi = base + grp
         s = _group_scores(q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, kqp_ptr, gi, BLOCK_M, D, G, INTERP)
-        s = _scaled_masked(
-            s,
-            S + grp * G + tok,
-            row_ok,
-            qpos,
-            mask_ptr,
-            mask_row,
-            smk,
-            score_scale,
-            MASK_KIND,
-            IS_CAUSAL,
-            False,
-        )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if PAIR:
-            # Past the split's last group, group grp is read again and masked out (its p is 0).
-            has_b = grp + 1 < g1
-            gi_b = base + tl.minimum(grp + 1, g1 - 1)
-            s_b = _group_scores(q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, kqp_ptr, gi_b, BLOCK_M, D, G, INTERP)
-            s_b = _scaled_masked(
-                s_b,
-                S + (grp + 1) * G + tok,
-                tl.where(has_b, row_ok, rows < 0),  # (not &: the interpreter makes that an int)
+        if MASK_KIND != 0 or IS_CAUSAL:
+            s = scores_mask(
+                s,
+                S + grp * G + tok,
+                tok < G,
+                row_ok,
                 qpos,
                 mask_ptr,
                 mask_row,
@@ -365,9 +319,10 @@ def planar_split_kernel(
                 score_scale,
                 MASK_KIND,
                 IS_CAUSAL,
-                True,  # a missing second group is masked out through its rows
             )
-            m_new = tl.maximum(m_new, tl.max(s_b, 1))
+        else:
+            s = s * score_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
@@ -385,12 +340,6 @@ def planar_split_kernel(
         a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
             p, vc_ptr, vqp_ptr, gi, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
         )
-        if PAIR:
-            p_b = tl.exp2(s_b - m_safe[:, None])
-            l_i = l_i + tl.sum(p_b, 1)
-            a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
-                p_b, vc_ptr, vqp_ptr, gi_b, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
-            )
     part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows
     _store_field(part_acc_ptr, part, row_ok, a0, za, 0, FWV, DV, VGS)
     _store_field(part_acc_ptr, part, row_ok, a1, za, 1, FWV, DV, VGS)
