@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from . import reference, sliding
+from .chunk_attention import attend_split, is_plain_causal
 from .store import KVStore, StoreLayout, allocate
 
 
@@ -189,6 +190,9 @@ FUSED_MAX_QUERY = 256
 # Measured with bench/prefill_chunk.py (H200, bf16, 8 x 32k, 2026-11-26): one call 6.96 / 13.32 /
 # 53.48 ms against 7.27 / 13.66 / 53.47 ms for chunks of 512 / 1024 / 4096 tokens.
 ONE_GQA_CALL = True
+# Query dtypes whose long chunks under the plain causal rule run as ``chunk_attention.attend_split`` on
+# the GPU (its cuDNN/flash log-sum-exp backends take half precision only).
+SPLIT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, scale, is_causal):
@@ -215,9 +219,14 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
     dtype = store.layout.dtype
     total = start + lq
     mask = None if attn_mask is None else attn_mask[..., :total]
-    if mask is None and is_causal and start:
-        # Query i sits at position start + i: causal from the lower right of the [Lq, total] scores.
-        mask = causal_lower_right(lq, total)
+    # Query i sits at position start + i. The plain causal rule (no mask, or the model's mask saying no
+    # more than that) needs no mask tensor: the prefix and the chunk are attended apart and merged
+    # (float32 on the GPU takes the causal rule from the lower right of the [Lq, total] scores instead).
+    split = (mask is None and is_causal) or (mask is not None and is_plain_causal(mask, start, total))
+    if split:
+        mask = None
+        if query.is_cuda and query.dtype not in SPLIT_DTYPES:
+            split, mask = False, causal_lower_right(lq, total) if start else None
     tensor_mask = mask is not None and not isinstance(mask, CausalBias) and mask.dim() == 4
     # Grouped-query heads without copying K/V: one SDPA with enable_gqa (cuDNN takes it with a mask,
     # torch 2.11, H200), or one SDPA per query-head offset r (query heads r, r + n_rep, ... use KV heads
@@ -244,6 +253,9 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
         else:
             keys, values = key[rows].to(dtype), value[rows].to(dtype)
         keys, values = keys.to(query.dtype), values.to(query.dtype)
+        if split:
+            out[rows] = attend_split(query[rows], keys, values, start, scale)
+            continue
         row_mask = mask[rows] if tensor_mask and mask.shape[0] > 1 else mask
         if ONE_GQA_CALL:
             out[rows] = torch.nn.functional.scaled_dot_product_attention(

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mixkvq_compile import ops, reference  # noqa: E402
+from mixkvq_compile.chunk_attention import attend_split  # noqa: E402
 from mixkvq_compile.config import PRESETS, KeyTiering, MixKVQConfig  # noqa: E402
 from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
@@ -547,11 +548,15 @@ def test_planar_decode_large_magnitudes_stay_finite():
     assert _rel(out, ref) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("one_gqa_call", [False, True])
-def test_long_chunk_over_planar_prefix_matches_reference(one_gqa_call, monkeypatch):
+@pytest.mark.parametrize(
+    ("one_gqa_call", "mask_kind"), [(False, "padded"), (True, "padded"), (True, "causal"), (True, None)]
+)
+def test_long_chunk_over_planar_prefix_matches_reference(one_gqa_call, mask_kind, monkeypatch):
     """A long chunk after a planar prefix: the prefix dequantized by the Triton kernel one batch row at
-    a time into the buffer that also takes the chunk, then SDPA (one call with ``enable_gqa``, or one
-    per query-head offset), against the reference path."""
+    a time into the buffer that also takes the chunk, then attention against the reference path. With
+    a left-padded mask: SDPA under the mask (one call with ``enable_gqa``, or one per query-head offset);
+    with no mask or the model's plain causal mask: ``chunk_attention.attend_split`` (prefix and chunk
+    apart, merged)."""
     monkeypatch.setattr(ops, "ONE_GQA_CALL", one_gqa_call)
     monkeypatch.setattr(ops, "_rows_per_read", lambda layout, total, chunk: 1)
     monkeypatch.setattr(ops, "FUSED_MAX_QUERY", 8)
@@ -561,8 +566,19 @@ def test_long_chunk_over_planar_prefix_matches_reference(one_gqa_call, monkeypat
     k = torch.randn(2, 2, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
     v = torch.randn(2, 2, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
     packed = store.packed_groups
-    out = ops._attend_with_kernels(q, k, v, store, 150, packed, None, 0.1, True)
-    ref = ops._attend_with_reference(q, k, v, store, 150, packed, 170, None, 0.1, True)
+    mask = None
+    if mask_kind:
+        pos = torch.arange(200, device=DEVICE)
+        mask = (
+            (pos[None, :] <= (150 + torch.arange(20, device=DEVICE))[:, None]).expand(2, 1, 20, 200).clone()
+        )
+        if mask_kind == "padded":
+            mask[1, ..., :7] = False
+    split_calls = []
+    monkeypatch.setattr(ops, "attend_split", lambda *a: split_calls.append(1) or attend_split(*a))
+    out = ops._attend_with_kernels(q, k, v, store, 150, packed, mask, 0.1, True)
+    ref = ops._attend_with_reference(q, k, v, store, 150, packed, 170, mask, 0.1, True)
+    assert bool(split_calls) == (mask_kind != "padded")
     assert _rel(out, ref.float()) < TOL[torch.bfloat16]
 
 
