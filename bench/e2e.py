@@ -8,7 +8,9 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
 - ``hf``: transformers' StaticCache + SDPA + ``repeat_kv``; generate() compiles the decode step itself
   (Inductor, ``mode="reduce-overhead"``, its default on CUDA with a static cache);
 - ``strong``: the same with an attention function registered through ``AttentionInterface`` that calls
-  SDPA with ``enable_gqa=True`` over the static buffer (no ``repeat_kv`` copies);
+  SDPA with ``enable_gqa=True`` (no ``repeat_kv`` copies): over the static buffer in a decode step, over
+  the keys written so far in a prompt chunk, with the same mask-free attention as mixkvq's (since
+  2026-11-27; before, over the static buffer without a mask, because transformers passed none);
 - ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor; the one-token decode graphs
   in CUDA graphs, the backend's default); ``kivi2-launch`` / ``mixkvq-launch``: the same with
   ``cuda_graphs=False`` (every kernel launched from Python); ``kivi2-eager`` / ``mixkvq-eager``: the
@@ -36,6 +38,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from mixkvq_compile.chunk_attention import attend_split, is_plain_causal
 
 
 def llama3_8b(layers: int, sliding_window: int = 0):
@@ -74,12 +78,35 @@ def llama3_8b(layers: int, sliding_window: int = 0):
 def strong_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
-    """SDPA with grouped-query heads handled inside the kernel (no repeat_kv copies)."""
-    causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
-    if attention_mask is not None and query.shape[2] > 1:
-        attention_mask = attention_mask[..., : key.shape[2]]
+    """SDPA with grouped-query heads handled inside the kernel (no repeat_kv copies), under the mask
+    transformers builds for sdpa (registered with the function). A prompt chunk (more than one query,
+    run eagerly) attends to the keys written so far only, as a serving engine does; under the plain
+    causal rule (no padding; the test mixkvq uses) without a mask tensor, by the same
+    ``chunk_attention.attend_split`` (cuDNN) that mixkvq runs. A decode step (one query, in
+    generate()'s CUDA graph) attends to the static buffer without a mask (see below)."""
+    lq = query.shape[2]
+    if lq == 1:
+        # Decode: no mask, as before 2026-11-27 (no mask was registered then): the step also reads the
+        # unwritten tail of the buffer (at most --new-tokens zero keys); the same bytes and time as the
+        # filled length, which a CUDA graph cannot slice to, and no mask to read.
+        attention_mask = None
+    else:
+        positions = kwargs.get("cache_position")
+        if positions is None:
+            raise ValueError("strong_attention: a prompt chunk needs cache_position (transformers >= 5)")
+        filled = int(positions[-1]) + 1
+        key, value = key[:, :, :filled], value[:, :, :filled]
+        start = key.shape[2] - lq
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., : key.shape[2]]
+            plain = is_plain_causal(attention_mask, start, key.shape[2])  # no padding
+        else:  # transformers leaves out a mask that is plain causal
+            plain = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if plain:  # the attention mixkvq runs for such a chunk, on the 16-bit K/V
+            out = attend_split(query, key, value, start, scaling or query.shape[-1] ** -0.5)
+            return out.transpose(1, 2).contiguous(), None
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -280,8 +307,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register("strong_sdpa", strong_attention)
+    AttentionMaskInterface.register("strong_sdpa", sdpa_mask)  # the mask sdpa gets (none without this)
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     bandwidth = copy_bandwidth()
