@@ -137,7 +137,7 @@ def main() -> None:
             kernel = compile_packed_loop(CONFIGS[name], getattr(torch, args.dtype), w)
             loop = largest_loop(disassemble(kernel))
             per_warp = sum(loop.values())
-            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(8))
+            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(int(os.environ.get("MIXKVQ_SASS_TOP", "8"))))
             nw = kernel.metadata.num_warps
             print(f"{name:>8} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
 
