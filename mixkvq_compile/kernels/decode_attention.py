@@ -825,7 +825,6 @@ def decode_attention(
     )
     if num_splits and lay.planar:
         codes, qparams = tiers[lay.key_tier][:2]
-        zero_terms = torch.empty((bh, q_blocks, lay.num_groups, block_m), dtype=torch.float32, device=device)
         planar_split_kernel[(bh, num_splits, q_blocks)](
             query,
             *query.stride(),
@@ -833,7 +832,6 @@ def decode_attention(
             qparams,
             vdata,
             vq,
-            zero_terms,
             *common,
             **common_meta,
             VGS=lay.value_group_size,

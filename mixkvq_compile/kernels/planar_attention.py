@@ -13,8 +13,8 @@ registers (an int16 tile has the operand layout of a float16 tile). The scale an
 channel are folded into the other operand and the zero points are small matrix products:
 
 - scores: ``sum_f (q_f * s_f * 4**-e_f) @ B_f * 2**24 + q . z`` per group, ``q_f`` the query channels
-  of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``; ``q . z`` (one number per query row
-  and group) is computed before the loop for 16 groups per product, ``q_f @ Z_f^T``, and read back;
+  of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``; ``q . z`` (one number per query row)
+  is the first column of ``q_f @ broadcast(z_f)`` over 16 columns, the smallest tensor-core product;
 - values: ``acc_f += (p * vs) @ B_f`` per field (``p`` scaled by the value scale of the field's value
   group) and ``acc_f * 4**e_f * 2**24 + p @ VZ^T`` at the end, ``VZ [NVG, G]`` the value zeros.
 
@@ -128,57 +128,23 @@ def _group_scores(
     INTERP: tl.constexpr,
 ):
     """Unscaled scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups), times
-    QSCALE: ``q . k_hat`` for every token of the group, less the zero-point term ``q . z`` (added by the
-    caller from ``_zero_terms``)."""
+    QSCALE: ``q . k_hat`` for every token of the group."""
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
     words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))  # [FW, G] int16
     kq = kqp_ptr + gi * (2 * D)
     s = tl.zeros([BLOCK_M, G], tl.float32)
+    sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
     for f in tl.static_range(8):
         qf = _pick(q0, q1, q2, q3, q4, q5, q6, q7, f)
         ks = tl.load(kq + f * FW + j)
+        kz = tl.load(kq + D + f * FW + j)
         s = tl.dot(
             qf * (ks.to(tl.float32) * _inv_weight(f)).to(tl.float16)[None, :], _field(words, f, INTERP), s
         )
-    return s * 16777216.0
-
-
-@triton.jit
-def _zero_terms(
-    q0,
-    q1,
-    q2,
-    q3,
-    q4,
-    q5,
-    q6,
-    q7,
-    kqp_ptr,
-    qz_ptr,
-    base,
-    g0,
-    g1,
-    BLOCK_M: tl.constexpr,
-    D: tl.constexpr,
-):
-    """``q . z`` (times QSCALE) of every query row and packed group ``g0 .. g1 - 1``, written to
-    ``qz_ptr + g * BLOCK_M + row``: one ``[BLOCK_M, 16]`` tensor-core product per 16 groups, instead of
-    one per group inside the main loop."""
-    FW: tl.constexpr = D // 8
-    j = tl.arange(0, FW)
-    cols = tl.arange(0, 16)
-    r = tl.arange(0, BLOCK_M)
-    for blk in range(g0, g1, 16):
-        gg = blk + cols
-        ok = gg < g1
-        zrow = kqp_ptr + (base + gg)[None, :] * (2 * D) + D + j[:, None]  # [FW, 16 groups]
-        qz = tl.zeros([BLOCK_M, 16], tl.float32)
-        for f in tl.static_range(8):
-            qf = _pick(q0, q1, q2, q3, q4, q5, q6, q7, f)
-            qz = tl.dot(qf, tl.load(zrow + f * FW, mask=ok[None, :], other=0.0), qz)
-        tl.store(qz_ptr + gg[None, :] * BLOCK_M + r[:, None], qz, mask=ok[None, :])
+        sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, 16)), sz)
+    return s * 16777216.0 + tl.max(sz, 1)[:, None]
 
 
 @triton.jit
@@ -211,16 +177,12 @@ def _group_values(
     vq = vqp_ptr + gi * (2 * NVG * G)
     c = tl.arange(0, 16)
     vzt = tl.load(vq + NVG * G + c[None, :] * G + t[:, None], mask=(c < NVG)[None, :], other=0.0)  # [G, 16]
-    p16 = p.to(tl.float16)
-    za = tl.dot(p16, vzt, za)
-    pf = p16
+    za = tl.dot(p.to(tl.float16), vzt, za)
+    pf = p.to(tl.float16)
     for f in tl.static_range(8):
         if f % FPG == 0:  # one operand p * vs per value group
             vs = tl.load(vq + ((f * FW) // VGS) * G + t)
-            if vs.dtype == tl.float16:  # paired float16 products (bfloat16 scales may not fit float16)
-                pf = p16 * vs[None, :]
-            else:
-                pf = (p * vs[None, :].to(tl.float32)).to(tl.float16)
+            pf = (p * vs[None, :].to(tl.float32)).to(tl.float16)
         d = tl.dot(pf, _field(words, f, INTERP))
         if f == 0:
             a0 = a0 + d
@@ -265,7 +227,6 @@ def planar_split_kernel(
     kqp_ptr,
     vc_ptr,
     vqp_ptr,
-    qz_ptr,
     mask_ptr,
     smb,
     smh,
@@ -299,8 +260,7 @@ def planar_split_kernel(
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
-    ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e);
-    ``qz_ptr``: float32 scratch ``[B * H, query blocks, NG, BLOCK_M]`` for the zero-point terms."""
+    ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -343,13 +303,9 @@ def planar_split_kernel(
     base = bh.to(tl.int64) * NG
     tok = tl.arange(0, G)
     score_scale = qk_scale * 16.0  # undoes QSCALE
-    qz = qz_ptr + (bh.to(tl.int64) * tl.num_programs(2) + qb) * (NG * BLOCK_M)
-    _zero_terms(q0, q1, q2, q3, q4, q5, q6, q7, kqp_ptr, qz, base, g0, g1, BLOCK_M, D)
-    tl.debug_barrier()  # the loop reads back what other threads of the program wrote
     for grp in range(g0, g1):
         gi = base + grp
         s = _group_scores(q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, kqp_ptr, gi, BLOCK_M, D, G, INTERP)
-        s = s + tl.load(qz + grp * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
         if MASK_KIND != 0 or IS_CAUSAL:
             s = scores_mask(
                 s,
