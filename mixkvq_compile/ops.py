@@ -236,9 +236,8 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
     out = query.new_empty((*query.shape[:3], value.shape[-1]))
     batch = query.shape[0]
     step = _rows_per_read(store.layout, total, lq) if start else batch
-    reader = None
-    if store.layout.planar:  # one Triton pass over the packed bytes instead of PyTorch intermediates
-        from .kernels.dequantize import dequantize_groups as reader
+    from .kernels.dequantize import dequantize_groups as reader  # one pass, no PyTorch intermediates
+
     zero = torch.zeros((), dtype=query.dtype, device=query.device)
     minus_inf = torch.full((), float("-inf"), dtype=query.dtype, device=query.device)
     for b0 in range(0, batch, step):
@@ -284,14 +283,11 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
 
 
 def _rows_per_read(layout, total: int, chunk: int) -> int:
-    """Batch rows whose prefix is dequantized at once in a long chunk, so that their dense keys and
-    values (``total`` tokens, 2 bytes per element), the additive mask (``chunk`` x ``total``) and, on
-    the PyTorch dequantization path, its int32 and float32 intermediates (about 16 bytes per element,
-    estimated) stay under 2 GiB. At 32k tokens, 8 KV heads, head_dim 128 and a 4096-token chunk: 1 row
-    on the PyTorch path, 5 for planar stores (Triton dequantization). The whole batch at once would
-    grow with the batch (8 GiB at 32 rows of 8k tokens on the PyTorch path)."""
-    per_element = 2 if layout.planar else 16
-    per_row = layout.heads * total * (layout.head_dim + layout.value_dim) * per_element + chunk * total * 2
+    """Batch rows whose prefix is dequantized at once in a long chunk (by the Triton kernel, no
+    intermediates), so that their dense keys and values (``total`` tokens, 2 bytes per element) and an
+    additive mask (``chunk`` x ``total``) stay under 2 GiB: 5 rows at 32k tokens, 8 KV heads, head_dim
+    128 and a 4096-token chunk. The whole batch at once would grow with the batch."""
+    per_row = layout.heads * total * (layout.head_dim + layout.value_dim) * 2 + chunk * total * 2
     return max(1, (2 << 30) // per_row)
 
 

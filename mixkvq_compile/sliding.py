@@ -57,7 +57,7 @@ def attention(
     keys, values, positions = key.to(lay.dtype), value.to(lay.dtype), new_positions
     if start:
         reader = None
-        if lay.planar and query.is_cuda:  # one Triton pass over the packed groups
+        if query.is_cuda:  # one Triton pass over the packed groups
             from .kernels.dequantize import dequantize_groups as reader
         past_key, past_value, past_positions = store.read_window(start, packed, reader)
         keys = torch.cat([past_key, keys], dim=2)

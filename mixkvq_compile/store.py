@@ -645,7 +645,7 @@ class KVStore:
         position (attention does not depend on the order of its keys, and slots ``0..count-1`` are
         one contiguous read), then the full-precision ring. Groups older than the window are still
         there until overwritten; the caller masks by position. ``dequantize_groups``: as in
-        ``read_into`` (planar stores on the GPU: ``kernels.dequantize.dequantize_groups``).
+        ``read_into`` (on the GPU: ``kernels.dequantize.dequantize_groups``).
         """
         lay = self.layout
         g, device = lay.group_size, self.keys["ring"].device

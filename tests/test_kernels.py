@@ -489,6 +489,29 @@ def test_planar_append_bit_exact_and_dequantizes_like_reference(head_dim, dtype)
 
 
 @pytest.mark.parametrize(
+    "name", ["mix", "mix_sinks_v4", "kivi4", "mix_uniform_keys_v16", "mix_small_tiers", "mix_rpc_sinks"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_groups_default_layout_bit_exact(name, dtype):
+    """``kernels.dequantize.dequantize_groups`` on stores of the default layout (key tiers of 16, 4 and
+    2 bits with a channel order per group, uniform keys, 4-bit and 16-bit values, sinks, RPC) writes
+    exactly ``store._dequantize_*_groups(...).to(dtype)``, for all rows and for a slice of them, into
+    poisoned outputs."""
+    store = _store(_small_window(CONFIGS[name]), dtype=dtype, heads=2, tokens=150, chunks=(77, 100), seed=5)
+    lay = store.layout
+    assert not lay.planar
+    n = store.packed_groups
+    assert n >= 2
+    for rows in (slice(None), slice(1, 3)):
+        want_k = store._dequantize_key_groups(n, rows).to(dtype)
+        want_v = store._dequantize_value_groups(n, rows).to(dtype)
+        out = (torch.full_like(want_k, float("nan")), torch.full_like(want_v, float("nan")))
+        got_k, got_v = dequantize_groups(store, n, rows, out=out)
+        assert got_k is out[0] and got_v is out[1]
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize(
     "head_dim,dtype,query_dtype",
     [
         (128, torch.float16, torch.float16),

@@ -5,8 +5,8 @@ Importing this package does not import Triton. The kernel modules do, on first i
 - ``mixkvq_compile.kernels.decode_attention``: ``decode_attention`` (fused split-K attention of a few
   query tokens over sinks, packed groups and the ring, with a combine step); for planar stores
   (``StoreLayout.planar``) the packed groups go through ``planar_attention.planar_split_kernel``;
-- ``mixkvq_compile.kernels.dequantize``: ``dequantize_groups`` (the packed groups of a planar store as
-  dense keys and values, for ``KVStore.read`` before a long prompt chunk);
+- ``mixkvq_compile.kernels.dequantize``: ``dequantize_groups`` (the packed groups of a store as dense
+  keys and values, for ``KVStore.read_into`` before a long prompt chunk and for sliding windows);
 - ``mixkvq_compile.kernels.quantize``: ``store_groups`` (quantize and pack whole groups into the store,
   one or many at once, channel ranking in the kernel), ``write_tokens`` (full-precision sink/ring
   writes), ``append`` (the fused equivalent of ``KVStore.append``) and ``append_token`` (one decode
