@@ -20,10 +20,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attend_split", "is_plain_causal"]
+__all__ = ["attend_split", "is_plain_causal", "supports_split"]
 
-# Backends that returned a log-sum-exp here, tried in this order; one that raises is not tried again.
-_LSE_BACKENDS = ["cudnn", "flash", "math"]
+# (backend, dtype, head dims, causal) combinations that raised here; not tried again.
+_FAILED: set[tuple] = set()
+
+
+def supports_split(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``attend_split`` takes these shapes and dtype: always on the CPU (float32 reference); on
+    the GPU half precision with equal key and value head dims of at most 256, a multiple of 8, which
+    flash attention takes when cuDNN does not."""
+    if not query.is_cuda:
+        return True
+    d = query.shape[-1]
+    return query.dtype in (torch.float16, torch.bfloat16) and value.shape[-1] == d and d % 8 == 0 and d <= 256
 
 
 def is_plain_causal(mask: torch.Tensor, start: int, total: int) -> bool:
@@ -43,32 +53,37 @@ def _lse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Lq, Dv] in query.dtype, lse [B, Hq, Lq] float32, natural log)`` of attention with
     grouped-query heads (query head h reads KV head ``h // (Hq / H)``), causal from the top left."""
-    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"mixkvq: split attention on the GPU takes float16 or bfloat16, not {query.dtype}")
-    for backend in list(_LSE_BACKENDS):
+    if not query.is_cuda:
+        return _math_lse_attention(query, key, value, causal, scale)
+    if not supports_split(query, key, value):
+        raise ValueError(
+            f"mixkvq: split attention on the GPU takes float16/bfloat16 and equal head dims <= 256, not "
+            f"{query.dtype} with head dims {query.shape[-1]}/{value.shape[-1]}"
+        )
+    for backend in ("cudnn", "flash"):
+        combo = (backend, query.dtype, query.shape[-1], causal)
+        if combo in _FAILED:
+            continue
         try:
-            if backend == "cudnn" and query.is_cuda:
+            if backend == "cudnn":
                 res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     query, key, value, None, True, 0.0, causal, False, scale=scale
                 )
-            elif backend == "flash" and query.is_cuda:
+            else:
                 res = torch.ops.aten._scaled_dot_product_flash_attention(
                     query, key, value, 0.0, causal, False, scale=scale
                 )
-            elif backend == "math" and not query.is_cuda:  # scores in memory: small problems only
-                return _math_lse_attention(query, key, value, causal, scale)
-            else:
-                continue
-        except RuntimeError:
-            _LSE_BACKENDS.remove(backend)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # this backend does not take these inputs here: the next one
+            _FAILED.add(combo)
             continue
-        out, lse = res[0], res[1]
-        return out, lse.reshape(query.shape[:3]).float()
-    raise RuntimeError(f"mixkvq: no attention backend returned a log-sum-exp on {query.device}")
+        return res[0], res[1].reshape(query.shape[:3]).float()
+    raise RuntimeError(f"mixkvq: neither cuDNN nor flash attention returned a log-sum-exp for {combo[1:]}")
 
 
 def _math_lse_attention(query, key, value, causal, scale):
-    """Reference of ``_lse_attention`` in float32 (any device)."""
+    """``_lse_attention`` in float32 with the scores in memory (the CPU path; small problems)."""
     n_rep = query.shape[1] // key.shape[1]
     k = key.float().repeat_interleave(n_rep, 1)
     v = value.float().repeat_interleave(n_rep, 1)

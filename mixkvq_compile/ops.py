@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from . import reference, sliding
-from .chunk_attention import attend_split, is_plain_causal
+from .chunk_attention import attend_split, is_plain_causal, supports_split
 from .store import KVStore, StoreLayout, allocate
 
 
@@ -190,9 +190,6 @@ FUSED_MAX_QUERY = 256
 # Measured with bench/prefill_chunk.py (H200, bf16, 8 x 32k, 2026-11-26): one call 6.96 / 13.32 /
 # 53.48 ms against 7.27 / 13.66 / 53.47 ms for chunks of 512 / 1024 / 4096 tokens.
 ONE_GQA_CALL = True
-# Query dtypes whose long chunks under the plain causal rule run as ``chunk_attention.attend_split`` on
-# the GPU (its cuDNN/flash log-sum-exp backends take half precision only).
-SPLIT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, scale, is_causal):
@@ -221,11 +218,11 @@ def _attend_with_kernels(query, key, value, store, start, packed, attn_mask, sca
     mask = None if attn_mask is None else attn_mask[..., :total]
     # Query i sits at position start + i. The plain causal rule (no mask, or the model's mask saying no
     # more than that) needs no mask tensor: the prefix and the chunk are attended apart and merged
-    # (float32 on the GPU takes the causal rule from the lower right of the [Lq, total] scores instead).
+    # (inputs the split's GPU backends do not take, e.g. float32, keep a lower-right causal bias).
     split = (mask is None and is_causal) or (mask is not None and is_plain_causal(mask, start, total))
     if split:
         mask = None
-        if query.is_cuda and query.dtype not in SPLIT_DTYPES:
+        if not supports_split(query, key, value):
             split, mask = False, causal_lower_right(lq, total) if start else None
     tensor_mask = mask is not None and not isinstance(mask, CausalBias) and mask.dim() == 4
     # Grouped-query heads without copying K/V: one SDPA with enable_gqa (cuDNN takes it with a mask,

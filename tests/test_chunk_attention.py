@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixkvq_compile import chunk_attention
-from mixkvq_compile.chunk_attention import attend_split, is_plain_causal
+from mixkvq_compile.chunk_attention import attend_split, is_plain_causal, supports_split
 
 
 def _causal(lq: int, width: int, start: int, device="cpu") -> torch.Tensor:
@@ -85,6 +84,23 @@ def test_split_attention_gpu_backends(dtype):
     v = torch.randn(2, 2, 1300, 128, generator=gen, device="cuda", dtype=dtype)
     out = attend_split(q, k, v, 1000, 128**-0.5)
     ref = _masked_reference(q, k, v, 1000, 128**-0.5)
-    assert chunk_attention._LSE_BACKENDS[0] in ("cudnn", "flash"), chunk_attention._LSE_BACKENDS
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), err
+
+
+def test_supports_split_on_the_gpu_only_for_what_its_backends_take():
+    """float32, unequal key/value head dims or head dims over 256 keep the masked path on the GPU;
+    everything runs split on the CPU. Shapes on the meta device stand in for CUDA tensors."""
+
+    def cuda_like(dtype, d):
+        t = torch.empty(1, 1, 1, d, dtype=dtype, device="meta")
+        return type("CudaLike", (), {"is_cuda": True, "dtype": dtype, "shape": t.shape})()
+
+    half = cuda_like(torch.bfloat16, 128)
+    assert supports_split(half, half, half)
+    assert not supports_split(cuda_like(torch.float32, 128), half, half)
+    assert not supports_split(half, half, cuda_like(torch.bfloat16, 64))
+    big = cuda_like(torch.float16, 512)
+    assert not supports_split(big, big, big)
+    cpu = torch.empty(1, 1, 1, 8)
+    assert supports_split(cpu, cpu, cpu)
