@@ -1,0 +1,66 @@
+"""The strong fp16 baseline of ``bench/e2e.py`` computes the model's attention: chunked prompts and a
+decode step against transformers' own sdpa path (a benchmark baseline that attends to the wrong keys
+measures something else than it says). Its decode step attends the whole static buffer without a mask
+(as documented in ``strong_attention``), so the decode check fills the buffer exactly."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+e2e = pytest.importorskip("e2e")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def registered():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("strong_sdpa", e2e.strong_attention)
+    AttentionMaskInterface.register("strong_sdpa", sdpa_mask)
+
+
+def _chunked_logits(model, ids, chunks):
+    """Logits of ``ids`` written into a StaticCache of exactly their length, ``chunks`` at a time
+    ([start, end) pairs)."""
+    cache = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1])
+    out = []
+    with torch.no_grad():
+        for start, end in chunks:
+            out.append(
+                model(
+                    ids[:, start:end],
+                    past_key_values=cache,
+                    cache_position=torch.arange(start, end),
+                    attention_mask=torch.ones(ids.shape[0], end, dtype=torch.long),
+                ).logits
+            )
+    return torch.cat(out, dim=1)
+
+
+def test_strong_baseline_matches_sdpa_in_chunks_and_decode(registered):
+    """Two prompt chunks (the second over a stored prefix: the split attention) and a one-token step,
+    with 4 query heads over 2 KV heads: the same logits as transformers' sdpa over the whole prompt."""
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(1))
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        want = model(ids).logits
+    model.config._attn_implementation = "strong_sdpa"
+    got = _chunked_logits(model, ids, ((0, 5), (5, 12), (12, 13)))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
