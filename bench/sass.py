@@ -2,6 +2,7 @@
 
     python3 bench/sass.py                         # kivi2 and mixkvq, float16, default warps, sm_90
     python3 bench/sass.py --configs mixkvq --warps 2,4 --dtype bfloat16
+    python3 bench/sass.py --configs kivi2 --top 40      # every opcode of the loop, not the 8 most frequent
 
 Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel; a stand-in driver
 answers the only question the compiler asks (the target). The kernel is compiled exactly as
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--warps", default="default", help="comma-separated warp counts, or 'default'")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
+    parser.add_argument("--top", type=int, default=8, help="how many of the most frequent opcodes to print")
     args = parser.parse_args()
     driver.set_active(TargetOnlyDriver(args.arch))
     warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
@@ -137,7 +139,7 @@ def main() -> None:
             kernel = compile_packed_loop(CONFIGS[name], getattr(torch, args.dtype), w)
             loop = largest_loop(disassemble(kernel))
             per_warp = sum(loop.values())
-            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(int(os.environ.get("MIXKVQ_SASS_TOP", "8"))))
+            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
             nw = kernel.metadata.num_warps
             print(f"{name:>8} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
 
