@@ -716,17 +716,14 @@ class KVStore:
         count = self.keys["query_count"].clamp(min=1.0)
         return self.keys["query_abs_sum"] / count[..., None]
 
-    def _dequantize_key_groups(
-        self, groups: int | slice | torch.Tensor, rows: slice = slice(None)
-    ) -> torch.Tensor:
-        """float32 keys ``[B, H, n * G, D]`` of packed groups (batch ``rows``): the first ``groups`` of
-        them for an int, else the ``n`` group slots ``groups`` selects (a slice or an index tensor)."""
+    def _dequantize_key_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``;
+        in a sliding store, group slots ``0..count-1``)."""
         lay = self.layout
-        index = slice(None, groups) if isinstance(groups, int) else groups
         if lay.planar:
             tier = lay.key_tier
-            codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, index])  # [B,H,n,G,D]
-            qparams = self.keys[f"tier{tier}_qparams"][rows, :, index].unsqueeze(3)  # [B, H, n, 1, 2, D]
+            codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, :count])  # [B,H,n,G,D]
+            qparams = self.keys[f"tier{tier}_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
             k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])
             return k.reshape(k.shape[0], k.shape[1], -1, lay.head_dim)
         parts = []
@@ -734,42 +731,39 @@ class KVStore:
             if channels == 0:
                 continue
             if bits == 16:
-                parts.append(self.keys[f"tier{tier}_values"][rows, :, index].float())
+                parts.append(self.keys[f"tier{tier}_values"][rows, :, :count].float())
             else:
                 parts.append(
                     reference.dequantize_groups(
-                        self.keys[f"tier{tier}_codes"][rows, :, index],
-                        self.keys[f"tier{tier}_qparams"][rows, :, index],
+                        self.keys[f"tier{tier}_codes"][rows, :, :count],
+                        self.keys[f"tier{tier}_qparams"][rows, :, :count],
                         bits,
                     )
                 )
         sorted_k = torch.cat(parts, dim=3)  # [B, H, n, D, G] in tier order
         if lay.mixed_keys:
-            order = self.keys["order"][rows, :, index].long()
+            order = self.keys["order"][rows, :, :count].long()
             k = torch.empty_like(sorted_k).scatter_(3, order.unsqueeze(-1).expand_as(sorted_k), sorted_k)
         else:
             k = sorted_k
         b, h, n, d, g = k.shape
         return k.transpose(-1, -2).reshape(b, h, n * g, d)
 
-    def _dequantize_value_groups(
-        self, groups: int | slice | torch.Tensor, rows: slice = slice(None)
-    ) -> torch.Tensor:
-        """float32 values ``[B, H, n * G, Dv]`` of packed groups (batch ``rows``; ``groups`` as for keys)."""
+    def _dequantize_value_groups(self, count: int, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 values ``[B, H, count * G, Dv]`` of the first ``count`` packed groups (as for keys)."""
         lay = self.layout
-        index = slice(None, groups) if isinstance(groups, int) else groups
         if lay.value_bits == 16:
-            v = self.values["values"][rows, :, index].float()
+            v = self.values["values"][rows, :, :count].float()
         elif lay.planar:
-            codes = reference.unpack_planar(self.values["codes"][rows, :, index].transpose(-1, -2))
+            codes = reference.unpack_planar(self.values["codes"][rows, :, :count].transpose(-1, -2))
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, -1, lay.value_group_size)  # [B, H, n, G, NVG, VGS]
-            qparams = self.values["qparams"][rows, :, index].transpose(-1, -2)  # [B, H, n, 2, G, NVG]
+            qparams = self.values["qparams"][rows, :, :count].transpose(-1, -2)  # [B, H, n, 2, G, NVG]
             v = reference.dequantize(grouped, qparams[:, :, :, 0, ..., None], qparams[:, :, :, 1, ..., None])
         else:
-            codes = self.values["codes"][rows, :, index]
+            codes = self.values["codes"][rows, :, :count]
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, lay.value_dim // lay.value_group_size, -1)
-            v = reference.dequantize_groups(grouped, self.values["qparams"][rows, :, index], lay.value_bits)
+            v = reference.dequantize_groups(grouped, self.values["qparams"][rows, :, :count], lay.value_bits)
         b, h, n, g = v.shape[:4]
         return v.reshape(b, h, n * g, lay.value_dim)
