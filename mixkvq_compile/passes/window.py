@@ -51,8 +51,9 @@ def match(att, order: dict) -> AttentionSite | None:
     """The sliding-window site of attention ``att`` (a ``sites._Attention``), or None."""
     parts = []
     for read in (att.key, att.value):
-        part = _rolled(view_base(read), order, att.node) or _concatenated(view_base(read), order, att.node)
-        part = part or _fresh(view_base(read), order, att.node)
+        base = view_base(read)
+        part = _rolled(base, order, att.node) or _concatenated(base, order, att.node)
+        part = part or _fresh(base, order, att.node)
         if part is None:
             return None
         parts.append(part)
