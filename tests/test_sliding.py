@@ -97,6 +97,19 @@ def _generate(model, ids, mask, new):
     return out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
 
 
+def _compiled_generate(model, ids, mask, new, options):
+    """``_generate`` through ``torch.compile(backend="mixkvq", options=options)``, from a clean Dynamo
+    and fresh counters; the model's eager forward is restored afterwards."""
+    eager = model.forward
+    torch._dynamo.reset()
+    mixkvq_compile.reset_counters()
+    model.forward = torch.compile(eager, backend="mixkvq", options=options)
+    try:
+        return _generate(model, ids, mask, new)
+    finally:
+        model.forward = eager
+
+
 @pytest.mark.parametrize("prompt", [40, 60], ids=["prompt-in-window", "prompt-longer-than-window"])
 def test_mistral_generate(prompt):
     """40 tokens: written with index_copy_, then rolled; 60 tokens: the fresh graph, then rolled."""
@@ -105,13 +118,7 @@ def test_mistral_generate(prompt):
     ids, mask = left_padded_batch(families.VOCAB, 2, prompt, pads=[5, 0])
     eager_tokens, _, _ = _generate(model, ids, mask, 24)
     for options in ({"preset": "passthrough", **SMALL_RING}, {"preset": "mixkvq", **SMALL_RING}):
-        torch._dynamo.reset()
-        mixkvq_compile.reset_counters()
-        model.forward = torch.compile(eager, backend="mixkvq", options=options)
-        try:
-            tokens, logits, cache = _generate(model, ids, mask, 24)
-        finally:
-            model.forward = eager
+        tokens, logits, cache = _compiled_generate(model, ids, mask, 24, options)
         assert manager.site_reports and all(r.rewritten for r in manager.site_reports)
         if options["preset"] == "passthrough":
             assert torch.equal(tokens, eager_tokens)
@@ -184,17 +191,10 @@ def test_a_sliced_window_read():
     """One unpadded row: the prompt's attention has no mask, ``is_causal`` and reads the first 20 slots
     of the 23-token buffer (``kv_limit``, here the prompt itself); passthrough gives the eager tokens."""
     model = families.qwen2_mixed_window()
-    eager = model.forward
     ids, mask = left_padded_batch(families.VOCAB, 1, 20, pads=[0])
     eager_tokens, _, _ = _generate(model, ids, mask, 3)
-    torch._dynamo.reset()
-    mixkvq_compile.reset_counters()
     options = {"preset": "passthrough", "residual_length": 8, "group_size": 8}
-    model.forward = torch.compile(eager, backend="mixkvq", options=options)
-    try:
-        tokens, _, _ = _generate(model, ids, mask, 3)
-    finally:
-        model.forward = eager
+    tokens, _, _ = _compiled_generate(model, ids, mask, 3, options)
     assert torch.equal(tokens, eager_tokens)
     assert manager.site_reports and all(r.rewritten for r in manager.site_reports)
 
@@ -203,17 +203,10 @@ def test_sliding_windows_can_be_kept_unquantized():
     """``quantize_sliding_windows=False``: the sliding layer of a mixed model stays in the model's dtype in
     every graph (fresh prompt, rolled decode), the full layer is still rewritten, results are exact."""
     model = families.qwen2_mixed_window()
-    eager = model.forward
     ids, mask = left_padded_batch(families.VOCAB, 2, 60, pads=[5, 0])
     eager_tokens, _, _ = _generate(model, ids, mask, 16)
-    torch._dynamo.reset()
-    mixkvq_compile.reset_counters()
     options = {"preset": "passthrough", "quantize_sliding_windows": False}
-    model.forward = torch.compile(eager, backend="mixkvq", options=options)
-    try:
-        tokens, _, cache = _generate(model, ids, mask, 16)
-    finally:
-        model.forward = eager
+    tokens, _, cache = _compiled_generate(model, ids, mask, 16, options)
     assert torch.equal(tokens, eager_tokens)
     reports = manager.site_reports
     assert {r.layer for r in reports if r.rewritten} == {1}
