@@ -147,9 +147,9 @@ def _tier_scores(
             )
             codes = unpack_codes(byt, CP, NBP, BITS, DQ)
         qp = qp_ptr + bh64 * (NG * C * 2) + (grp * C + ch) * 2
-        sc = tl.load(qp, mask=ch_ok, other=0.0).to(codes.dtype)
-        zr = tl.load(qp + 1, mask=ch_ok, other=0.0).to(codes.dtype)
-        kt = codes * sc[:, None] + zr[:, None]
+        pair = tl.arange(0, 2)
+        sc, zr = tl.split(tl.load(qp[:, None] + pair[None, :], mask=ch_ok[:, None], other=0.0))  # one tile
+        kt = codes * sc.to(codes.dtype)[:, None] + zr.to(codes.dtype)[:, None]
         if codes.dtype == tl.float32:
             kt = _cast(_cast(kt, kv_ptr, UPCAST), q_ptr, UPCAST)
     return _mm(qt, kt, USE_DOT, PREC)
@@ -220,9 +220,9 @@ def _value_tile(
         )
         codes = unpack_codes(byt, GP * NVG, VGB, VB, DQ)
         qp = vq_ptr + bh64 * (NG * G * NVG * 2) + (grp * (G * NVG) + rows) * 2
-        sc = tl.load(qp, mask=rows_ok, other=0.0).to(codes.dtype)
-        zr = tl.load(qp + 1, mask=rows_ok, other=0.0).to(codes.dtype)
-        v = codes * sc[:, None] + zr[:, None]
+        pair = tl.arange(0, 2)
+        sc, zr = tl.split(tl.load(qp[:, None] + pair[None, :], mask=rows_ok[:, None], other=0.0))
+        v = codes * sc.to(codes.dtype)[:, None] + zr.to(codes.dtype)[:, None]
         if codes.dtype == tl.float32:
             v = _cast(_cast(v, kv_ptr, UPCAST), q_ptr, UPCAST)
         v = tl.reshape(v, (GP, DV))
