@@ -219,6 +219,19 @@ def test_decode_head_dims_and_small_groups(head_dim, group, gather):
     assert _rel(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("block_m", [4, 16, 32])
+@pytest.mark.parametrize("name", ["kivi2", "mix"])
+def test_decode_query_row_blocks(name, block_m):
+    """20 query rows (5 heads over 1 KV head, 4 causal queries each) in blocks of 4, 16 or 32 rows: many
+    blocks, a partial last block, one block mostly padding; planar (kivi2, head_dim 128) and default
+    layout."""
+    store = _store(CONFIGS[name], heads=1, head_dim=128, tokens=130, seed=6)
+    assert store.layout.planar == (name == "kivi2")
+    query = torch.randn(3, 5, 4, 128, dtype=torch.float16, device=DEVICE)
+    out, ref = _run(query, store, 130, num_splits=2, block_m=block_m)
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
 def test_decode_short_sequence_no_groups():
     store = _store(dataclasses.replace(MIX, sink_tokens=4), tokens=20, chunks=(3,), seed=5)
     for length in (2, 20):

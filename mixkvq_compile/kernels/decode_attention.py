@@ -688,7 +688,10 @@ def decode_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     n_rep = hq // lay.heads
     rows = n_rep * lq
-    block_m = block_m or max(16, min(64, next_pow2(rows)))
+    # Query rows per program: as few as there are (at least 4). Triton pads a product of fewer than 16
+    # rows inside the tensor-core instruction; the smaller tiles cut registers and instructions (H200,
+    # 8 x 32k, 4 rows per KV head: 1.15x planar, 1.2x default layout against 16-row blocks).
+    block_m = block_m or max(4, min(64, next_pow2(rows)))
     q_blocks = triton.cdiv(rows, block_m)
     bh = bsz * lay.heads
 
@@ -715,6 +718,8 @@ def decode_attention(
         num_splits = min(num_splits, triton.cdiv(max_groups, 4))
     num_splits = max(0, min(int(num_splits), max_groups))
     groups_per_split = triton.cdiv(max_groups, num_splits) if num_splits else 0
+    if lay.planar:  # the planar kernel takes two groups per step
+        groups_per_split += groups_per_split % 2
     num_splits = triton.cdiv(max_groups, groups_per_split) if num_splits else 0
 
     # Mask.
