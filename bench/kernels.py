@@ -33,7 +33,7 @@ import triton  # noqa: E402
 
 from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
-from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
 from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
 SHAPES = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (32, 8192)]
@@ -106,8 +106,7 @@ def random_store(config, batch: int, ctx: int) -> KVStore:
 def decode_splits(store: KVStore, batch: int, packed: int) -> int:
     """The split count ``decode_attention`` picks by default for a one-token query (planar stores)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bh = batch * HKV
-    return max(1, min(8 * sms // bh, triton.cdiv(packed, 4)))
+    return split_count(batch * HKV, 8 * sms, triton.cdiv(packed, 4))
 
 
 def bytes_read(store: KVStore, length: int) -> int:

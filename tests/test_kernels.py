@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as hs
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
 from mixkvq_compile.kernels._runtime import tl, unpack_codes  # noqa: E402
-from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
 from mixkvq_compile.kernels.dequantize import dequantize_groups  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -230,6 +232,34 @@ def test_decode_query_row_blocks(name, block_m):
     query = torch.randn(3, 5, 4, 128, dtype=torch.float16, device=DEVICE)
     out, ref = _run(query, store, 130, num_splits=2, block_m=block_m)
     assert _rel(out, ref) < TOL[torch.float16]
+
+
+def _fill(programs, splits, slots):
+    waves = -(-programs * splits // slots)
+    return programs * splits / (waves * slots)
+
+
+def test_split_count_fills_the_device():
+    """Batch 8 and batch 1 keep their split counts; batch 112 (896 KV heads on 8 x 132 slots) takes 7
+    splits (99% of the slots busy) instead of 1 (85%)."""
+    assert split_count(64, 1056, 256) == 16
+    assert split_count(8, 1056, 256) == 132
+    assert split_count(896, 1056, 256) == 7
+    assert split_count(896, 1056, 3) == 3  # the limit wins
+    assert split_count(4000, 1056, 0) == 1
+
+
+@given(hs.integers(1, 5000), hs.integers(1, 2000), hs.integers(1, 512))
+def test_split_count_is_the_fewest_that_fill(programs, slots, limit):
+    """Between ``slots // programs`` and ``limit``: the first split count whose grid fills 90% of its
+    waves, or the limit."""
+    got = split_count(programs, slots, limit)
+    lo = max(1, slots // programs)
+    assert 1 <= got <= max(1, limit)
+    if lo < limit:
+        assert got >= lo
+        assert got == limit or _fill(programs, got, slots) >= 0.9
+        assert all(_fill(programs, s, slots) < 0.9 for s in range(lo, got))
 
 
 def test_decode_short_sequence_no_groups():
