@@ -159,9 +159,10 @@ def _group_scores(
     G: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Unscaled scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups), times
-    QSCALE: ``q . k_hat`` for every token of the group. ``kscale``, ``kzero``: the group's key scales
-    and zero points ``[D / 8, 8]`` (column f: the channels of field f), loaded by the caller."""
+    """Base-2 scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups): ``q . k_hat``
+    for every token of the group times ``score_scale`` (the softmax scale times log2(e), over QSCALE).
+    ``kscale``, ``kzero``: the group's key scales and zero points ``[D / 8, 8]`` (column f: the channels
+    of field f), loaded by the caller."""
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
