@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels as kb  # noqa: E402
 
-from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
 
 SHAPES = ((8, 32768), (1, 131072), (1, 32768), (32, 8192))
 VARIANTS = ((16, 8, 3), (8, 12, 3), (4, 8, 3), (4, 12, 3), (4, 16, 3), (4, 12, 2), (4, 12, 4))
@@ -61,7 +61,7 @@ def main() -> None:
         packed = store.layout.flushed_groups(ctx)
         ref = decode_attention(q, store, ctx, packed=packed).float()
         for block_m, per_sm, stages in VARIANTS:
-            splits = max(1, min(per_sm * sms // (batch * kb.HKV), -(-packed // 4)))
+            splits = split_count(batch * kb.HKV, per_sm * sms, -(-packed // 4))  # as decode_attention
             kw = dict(packed=packed, block_m=block_m, num_splits=splits, num_stages=stages)
             out = decode_attention(q, store, ctx, **kw).float()
             diff = ((out - ref).norm() / ref.norm()).item()
