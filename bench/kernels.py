@@ -7,8 +7,10 @@
 For each batch x context and each quantization setting: the fused Triton decode kernel, cuDNN SDPA fp16,
 flash SDPA fp16 (both on full-precision K/V of the same size, no K/V copied for GQA: the faster of
 ``enable_gqa=True`` and the query heads of a KV head folded into query rows) and dequantize-then-SDPA
-(``store.read`` + SDPA). Also a one-token append (with and without a group flush) and the bulk
-quantization of a 32k-token prompt.
+(``store.read`` + SDPA). The fused kernel also runs with two attention masks (column "masks"): the
+one transformers passes to a decode step over a static cache (keep the positions up to the query) and
+one that also drops a token in every 1024 (so that no program can skip reading it). Also a one-token
+append (with and without a group flush) and the bulk quantization of a 32k-token prompt.
 
 The stores are filled directly with random codes, scales, zero points and channel orders (quantizing
 128k tokens through Python would take minutes); the kernel reads the same bytes either way. Times are
@@ -185,6 +187,15 @@ def main() -> None:
             ours_eager = bench(lambda: decode_attention(q, store, ctx, packed=packed))  # noqa: B023
             ours = bench_graph(lambda: decode_attention(q, store, ctx, packed=packed))  # noqa: B023
             ours_gather = bench_graph(lambda: decode_attention(q, store, ctx, gather=True, packed=packed))  # noqa: B023
+            # With the attention mask a transformers decode step passes over a static cache (keep the
+            # positions up to the query), and with one that also drops a token in every 1024 (every
+            # program of the packed loop then reads the mask).
+            step_mask = (torch.arange(store.layout.capacity, device="cuda") <= ctx).expand(batch, 1, 1, -1)
+            sparse_mask = step_mask & (torch.arange(store.layout.capacity, device="cuda") % 1024 != 7)
+            ours_masks = {
+                name: bench_graph(lambda m=m: decode_attention(q, store, ctx, m, packed=packed))  # noqa: B023
+                for name, m in (("step", step_mask.contiguous()), ("sparse", sparse_mask.contiguous()))
+            }
             nbytes = bytes_read(store, ctx)
             try:
                 kd, vd = store.read(ctx)
@@ -265,6 +276,8 @@ def main() -> None:
                 fused_ms=ours,
                 fused_gather_ms=ours_gather,
                 fused_eager_ms=ours_eager,
+                fused_step_mask_ms=ours_masks["step"],
+                fused_sparse_mask_ms=ours_masks["sparse"],
                 cudnn_ms=base["cudnn"],
                 flash_ms=base["flash"],
                 cudnn_modes_ms=base["cudnn_modes"],
@@ -319,12 +332,16 @@ def main() -> None:
     if out_dir:
         with open(os.path.join(out_dir, "kernels.json"), "w") as f:
             json.dump(dict(device=dev, dtype=str(DTYPE), bw=bw, rows=results, prompt=prompt), f, indent=1)
-    print(f"\n{dev}, 2026-11-26, fp16, Hq={HQ}, Hkv={HKV}, D={D}; copy bw {bw / 1e9:.0f} GB/s")
+    print(
+        f"\n{dev}, {time.strftime('%Y-%m-%d')}, {DTYPE}, Hq={HQ}, Hkv={HKV}, D={D}; "
+        f"copy bw {bw / 1e9:.0f} GB/s"
+    )
     hdr = (
         "shape",
         "config",
         "fused",
         "gather",
+        "masks",
         "cudnn",
         "flash",
         "deq+sdpa",
@@ -337,11 +354,14 @@ def main() -> None:
         "err",
     )
     print(
-        "{:>8} {:>7} {:>7} {:>6} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>11} {:>11} {:>5} {:>7}".format(*hdr)
+        "{:>8} {:>7} {:>7} {:>6} {:>13} {:>7} {:>7} {:>8} {:>7} {:>6} {:>6} {:>11} {:>11} {:>5} {:>7}".format(
+            *hdr
+        )
     )
     for r in table:
         print(
             f"{r['shape']:>8} {r['config']:>7} {r['fused_ms']:7.3f} {r['fused_gather_ms']:6.3f} "
+            f"{r['fused_step_mask_ms']:6.3f}/{r['fused_sparse_mask_ms']:6.3f} "
             f"{r['cudnn_ms']:7.3f} "
             f"{r['flash_ms']:7.3f} "
             f"{r['dequant_sdpa_ms']:8.3f} {r['speedup_vs_cudnn']:7.2f} {r['gbps']:6.0f} {r['floor_ms']:6.3f} "

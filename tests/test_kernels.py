@@ -592,6 +592,34 @@ def test_planar_decode_odd_group_count_per_split(num_splits):
         assert _rel(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("changed", [False, True])
+def test_planar_decode_mask_that_keeps_the_packed_tokens(kind, changed):
+    """A decode step's mask over a static cache (transformers' kind: keep every position up to the
+    query, drop the rest) keeps every packed token, and the kernel then skips it in the packed loop;
+    ``changed``: row 1's mask also drops (bool) or biases (additive, +4) a token of packed group 2, in
+    the second split, which must take the masked loop. Both against the float32 reference."""
+    store, _, _ = _planar_store(128, torch.float16, seed=21)
+    assert store.packed_groups == 4
+    query = torch.randn(2, 4, 1, 128, dtype=torch.float16, device=DEVICE)
+    keep = torch.arange(200, device=DEVICE) < 170
+    if kind == "bool":
+        mask = keep.expand(2, 1, 1, 200).clone()
+    else:
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float16).min).to(torch.float16).expand(2, 1, 1, 200)
+        mask = mask.clone()
+    clean_ref = _run(query, store, 170, mask=mask.clone(), num_splits=2)[1]
+    if changed:
+        token = PLANAR.sink_tokens + 2 * PLANAR.group_size + 5
+        if kind == "bool":
+            mask[1, ..., token - 5 : token + 20] = False
+        else:
+            mask[1, ..., token] = 4.0
+    out, ref = _run(query, store, 170, mask=mask, num_splits=2)
+    assert _rel(out, ref) < TOL[torch.float16]
+    assert (_rel(ref, clean_ref) > 0.05) == changed  # the change matters, so a skipped mask would fail
+
+
 def test_planar_decode_query_chunk_additive_mask_and_new_tokens():
     """Four causal queries with an additive mask and 4 new full-precision tokens, over a planar store."""
     store, _, _ = _planar_store(128, torch.float16, seed=9)
