@@ -11,10 +11,12 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   SDPA with ``enable_gqa=True`` (no ``repeat_kv`` copies): over the static buffer in a decode step, over
   the keys written so far in a prompt chunk, with the same mask-free attention as mixkvq's (since
   2026-11-27; before, over the static buffer without a mask, because transformers passed none);
-- ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset (Inductor; the one-token decode graphs
-  in CUDA graphs, the backend's default); ``kivi2-launch`` / ``mixkvq-launch``: the same with
-  ``cuda_graphs=False`` (every kernel launched from Python); ``kivi2-eager`` / ``mixkvq-eager``: the
-  same with ``prefill_compiler="eager"`` (prompt graphs run as traced, not compiled by Inductor).
+- ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset and the backend's defaults (the
+  one-token decode graphs compiled by Inductor, in CUDA graphs; prompt graphs as traced since
+  2026-11-27, compiled by Inductor before); ``kivi2-launch`` / ``mixkvq-launch``: the same with
+  ``cuda_graphs=False`` (every kernel launched from Python); ``kivi2-eager`` / ``mixkvq-eager``: with
+  ``prefill_compiler="eager"`` (prompt graphs as traced, the default now); ``kivi2-inductor`` /
+  ``mixkvq-inductor``: with ``prefill_compiler="inductor"`` (prompt graphs compiled by Inductor).
 With ``--prefill-chunk N`` the prompt (all but its last token) is written to the StaticCache N tokens per
 forward before generate() continues from it; the prefill time then covers those forwards.
 Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so the
@@ -207,8 +209,8 @@ def set_method(model, method: str):
         options = {"preset": preset}
         if variant == "launch":  # the same kernels launched one by one (no CUDA graph)
             options["cuda_graphs"] = False
-        elif variant == "eager":  # prompt graphs not compiled by Inductor
-            options["prefill_compiler"] = "eager"
+        elif variant in ("eager", "inductor"):  # who runs the prompt graphs
+            options["prefill_compiler"] = variant
         elif variant:
             raise ValueError(f"unknown method {method!r}")
         model.forward = torch.compile(eager_forward, backend="mixkvq", options=options)

@@ -127,8 +127,11 @@ class MixKVQConfig:
         prefill_compiler: what runs the graphs with a multi-token attention or a store allocation
             (prompt chunks, the first call): ``"inductor"``; ``"eager"``, the rewritten graph as
             traced, op by op (no Inductor compile: a prompt graph runs once per ``generate``, and on
-            CPU compiling it took longer than running it: 39 s of the cold quickstart's 148 s); ``"auto"``
-            (default): eager on CPU, Inductor on CUDA. One-token decode graphs always use Inductor.
+            CPU compiling it took longer than running it: 39 s of the cold quickstart's 148 s); ``"auto"``:
+            eager on CPU, Inductor on CUDA. One-token decode graphs always use Inductor. Default
+            ``"eager"``: on an H200 (8B-shaped model, 8 x 32k, ``docs/performance.md``) Inductor made the
+            prefill 6-12% faster, but the first ``generate()`` took 120-171 s against 70 s as traced
+            (16-58 s in fp16); as traced, the prefill is within 3% of fp16's and the first call 1.26x.
         quantize_sliding_windows: quantize sliding-window layers in a store that keeps only their
             window (default). Their attention runs in PyTorch, not in the fused kernels: on an
             H200, an 8B-shaped model whose every layer has a 4096-token window decoded 8 x 8k tokens
@@ -152,7 +155,7 @@ class MixKVQConfig:
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     layer_plan: str | None = None
     cuda_graphs: bool = True
-    prefill_compiler: str = "auto"
+    prefill_compiler: str = "eager"
     quantize_sliding_windows: bool = True
 
     def __post_init__(self) -> None:
