@@ -19,13 +19,17 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   ``mixkvq-inductor``: with ``prefill_compiler="inductor"`` (prompt graphs compiled by Inductor).
 With ``--prefill-chunk N`` the prompt (all but its last token) is written to the StaticCache N tokens per
 forward before generate() continues from it; the prefill time then covers those forwards.
-Decode step time = (time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1), so the
-prefill cancels out. ``--single-call`` (for the largest batch that fits, where every prefill of B x 32k
-tokens takes minutes) runs generate() once: the step time is the median interval between consecutive
-decode steps in its second half (a logits processor synchronizes and takes the time at every step, after
-the decode graph was compiled in the first steps); prefill and first-call times are then that call's
-time to the first token, compiles included. Weights do not change speed, so random weights measure the
-real cost. The byte roofline of a step is (weight bytes + KV bytes held) / measured copy bandwidth.
+Decode step time: a logits processor synchronizes and takes the time at every generated token; a call's
+step is the median interval between consecutive decode steps in its second half (the decode graph is
+compiled and captured in the first steps), and the reported step is the median over ``--repeats``
+calls after two warm-up calls (``step_ms_runs`` lists them all). Until 2026-11-27 the step was
+(time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1): both calls include the
+prefill, whose run-to-run variation (0.5% of an 11 s prefill is 2 ms per step at 32 tokens) made that
+difference noisier than the effects measured. ``--single-call`` (for the largest batch that fits, where
+every prefill of B x 32k tokens takes minutes) runs generate() once, timed per step the same way;
+prefill and first-call times are then that call's time to the first token, compiles included.
+Weights do not change speed, so random weights measure the real cost. The byte roofline of a step is
+(weight bytes + KV bytes held) / measured copy bandwidth.
 ``--sliding-window W`` builds the same shape as a Mistral model whose every layer keeps a W-token window
 (KV / fp16 is then against a 16-bit cache of the window). Results go to stdout (a table) and, when
 ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -191,10 +196,16 @@ def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, 
     torch.cuda.synchronize()
     started = time.perf_counter()
     _, out = timed_generate(model, ids, new_tokens, cache, chunk, LogitsProcessorList([clock]))
-    intervals = sorted(
-        b - a for a, b in zip(clock.times[new_tokens // 2 :], clock.times[new_tokens // 2 + 1 :])
-    )
-    return clock.times[0] - started, intervals[len(intervals) // 2], out
+    return clock.times[0] - started, median_step(clock.times), out
+
+
+def median_step(times: list[float]) -> float:
+    """The median interval between consecutive times of the second half of ``times`` (one per generated
+    token, in seconds): the decode step, after the steps that compile and capture the graphs."""
+    if len(times) < 4:
+        raise ValueError(f"{len(times)} generated tokens: time at least 4 (--new-tokens) to measure a step")
+    half = times[len(times) // 2 :]
+    return statistics.median(b - a for a, b in zip(half, half[1:]))
 
 
 def set_method(model, method: str):
@@ -227,7 +238,15 @@ def kv_bytes(cache) -> tuple[int, int]:
 
 
 def run(
-    model, method: str, batch: int, context: int, new_tokens: int, bandwidth: float, chunk: int, single: bool
+    model,
+    method: str,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    bandwidth: float,
+    chunk: int,
+    single: bool,
+    repeats: int = 3,
 ) -> dict:
     import mixkvq_compile
 
@@ -242,10 +261,11 @@ def run(
         from transformers import StaticCache
 
         cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
+    steps = []
     if single:
         torch.cuda.reset_peak_memory_stats()
         prefill, step, out = single_call(model, ids, new_tokens, cache, chunk)
-        first = prefill
+        first, steps = prefill, [step]
     else:
         first, out = timed_generate(model, ids, new_tokens, cache, chunk)  # compiles prefill and decode
         del out
@@ -255,9 +275,11 @@ def run(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         prefill, out = timed_generate(model, ids, 1, cache, chunk)
-        del out
-        total, out = timed_generate(model, ids, new_tokens, cache, chunk)
-        step = (total - prefill) / (new_tokens - 1)
+        for _ in range(repeats):
+            del out
+            _, step, out = single_call(model, ids, new_tokens, cache, chunk)
+            steps.append(step)
+        step = statistics.median(steps)
     peak = torch.cuda.max_memory_allocated()
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     held, fp16_kv = kv_bytes(cache)
@@ -269,6 +291,7 @@ def run(
         "context": context,
         "layers": model.config.num_hidden_layers,
         "step_ms": step * 1e3,
+        "step_ms_runs": [t * 1e3 for t in steps],
         "tokens_per_s": batch / step,
         "prefill_s": prefill,
         "first_call_s": first,
@@ -304,6 +327,9 @@ def main() -> None:
         "--single-call", action="store_true", help="one generate() per point (largest-batch probes)"
     )
     parser.add_argument(
+        "--repeats", type=int, default=3, help="timed generate() calls per point (the step is their median)"
+    )
+    parser.add_argument(
         "--sliding-window", type=int, default=0, help="> 0: every layer a sliding window of this many tokens"
     )
     args = parser.parse_args()
@@ -333,6 +359,7 @@ def main() -> None:
                         bandwidth,
                         args.prefill_chunk,
                         args.single_call,
+                        args.repeats,
                     )
                 except torch.OutOfMemoryError:
                     result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}

@@ -64,3 +64,14 @@ def test_strong_baseline_matches_sdpa_in_chunks_and_decode(registered):
     model.config._attn_implementation = "strong_sdpa"
     got = _chunked_logits(model, ids, ((0, 5), (5, 12), (12, 13)))
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_median_step_skips_the_compiling_steps_and_one_slow_step():
+    """``bench/e2e.py``'s decode step: the median interval of the second half of the per-token times,
+    so neither the first steps (compiles, graph capture) nor one slow step (a group flush) move it."""
+    times = [0.0]
+    for step in [5.0, 4.0, 1.0, 0.5, 0.2, 0.1, 0.05] + [0.010] * 4 + [0.030] + [0.010] * 4:
+        times.append(times[-1] + step)  # seven compiling steps, then steady ones and a slow one
+    assert e2e.median_step(times) == pytest.approx(0.010)
+    with pytest.raises(ValueError, match="at least 4"):
+        e2e.median_step([0.0, 1.0, 2.0])
