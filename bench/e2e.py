@@ -333,6 +333,8 @@ def main() -> None:
         "--sliding-window", type=int, default=0, help="> 0: every layer a sliding window of this many tokens"
     )
     args = parser.parse_args()
+    if args.repeats < 1 or args.new_tokens < 4:
+        parser.error("--repeats must be at least 1 and --new-tokens at least 4 (a step is timed per token)")
 
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
