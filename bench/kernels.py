@@ -105,10 +105,11 @@ def random_store(config, batch: int, ctx: int) -> KVStore:
     return store
 
 
-def decode_splits(store: KVStore, batch: int, packed: int) -> int:
-    """The split count ``decode_attention`` picks by default for a one-token query (planar stores)."""
+def decode_splits(batch: int, packed: int, per_sm: int = 8) -> int:
+    """The split count ``decode_attention`` picks for a one-token query with ``per_sm`` programs resident
+    per SM (its default for planar stores: 8)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return split_count(batch * HKV, 8 * sms, triton.cdiv(packed, 4))
+    return split_count(batch * HKV, per_sm * sms, triton.cdiv(packed, 4))
 
 
 def bytes_read(store: KVStore, length: int) -> int:
@@ -190,8 +191,9 @@ def main() -> None:
             # With the attention mask a transformers decode step passes over a static cache (keep the
             # positions up to the query), and with one that also drops a token in every 1024 (every
             # program of the packed loop then reads the mask).
-            step_mask = (torch.arange(store.layout.capacity, device="cuda") <= ctx).expand(batch, 1, 1, -1)
-            sparse_mask = step_mask & (torch.arange(store.layout.capacity, device="cuda") % 1024 != 7)
+            positions = torch.arange(store.layout.capacity, device="cuda")
+            step_mask = (positions <= ctx).expand(batch, 1, 1, -1)
+            sparse_mask = step_mask & (positions % 1024 != 7)
             ours_masks = {
                 name: bench_graph(lambda m=m: decode_attention(q, store, ctx, m, packed=packed))  # noqa: B023
                 for name, m in (("step", step_mask.contiguous()), ("sparse", sparse_mask.contiguous()))
@@ -218,7 +220,7 @@ def main() -> None:
                         for third in (0.5, 1.0, 2.0) if planar else (False, True):
                             kw = dict(num_warps=warps, num_stages=stages)
                             if planar:
-                                default = decode_splits(store, batch, packed)
+                                default = decode_splits(batch, packed)
                                 kw["num_splits"] = max(1, int(default * third))
                                 key = f"w{warps}_st{stages}_splits{kw['num_splits']}"
                             else:

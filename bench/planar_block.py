@@ -2,8 +2,8 @@
 
     python3 bench/planar_block.py            # writes $OUT/planar_block.json when $OUT is set
 
-A one-token decode step of 32 query heads over 8 KV heads has 4 query rows per KV head, and the
-planar kernel pads them to ``BLOCK_M = 16`` rows by default: the tensor-core products are 16 rows
+A one-token decode step of 32 query heads over 8 KV heads has 4 query rows per KV head, and until
+093b845 the planar kernel padded them to ``BLOCK_M = 16`` rows: the tensor-core products are 16 rows
 tall, so 12 of the 16 rows of every score, probability and accumulator tile are padding. Triton
 also compiles dots with fewer rows (it pads inside the product), which shrinks the tiles, the
 registers (254 -> ~162 per thread at 4 rows, offline ``cuobjdump --dump-resource-usage``) and so
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels as kb  # noqa: E402
 
-from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
 
 SHAPES = ((8, 32768), (1, 131072), (1, 32768), (32, 8192))
 VARIANTS = ((16, 8, 3), (8, 12, 3), (4, 8, 3), (4, 12, 3), (4, 16, 3), (4, 12, 2), (4, 12, 4))
@@ -41,7 +41,6 @@ VARIANTS = ((16, 8, 3), (8, 12, 3), (4, 8, 3), (4, 12, 3), (4, 16, 3), (4, 12, 2
 
 def main() -> None:
     torch.manual_seed(0)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dev = torch.cuda.get_device_name()
     print(f"{dev}; {time.strftime('%Y-%m-%d')}; ms of decode_attention (CUDA-graph replay), kivi2 fp16")
     rows = []
@@ -61,7 +60,7 @@ def main() -> None:
         packed = store.layout.flushed_groups(ctx)
         ref = decode_attention(q, store, ctx, packed=packed).float()
         for block_m, per_sm, stages in VARIANTS:
-            splits = split_count(batch * kb.HKV, per_sm * sms, -(-packed // 4))  # as decode_attention
+            splits = kb.decode_splits(batch, packed, per_sm)
             kw = dict(packed=packed, block_m=block_m, num_splits=splits, num_stages=stages)
             out = decode_attention(q, store, ctx, **kw).float()
             diff = ((out - ref).norm() / ref.norm()).item()
