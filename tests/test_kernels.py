@@ -720,3 +720,75 @@ def test_append_gpu_prompt_bit_exact():
     qkern.append(b, k, v, 0)
     groups = lay.flushed_groups(3000)
     _packed_groups_equal(a, b, groups)
+
+
+@pytest.mark.parametrize(
+    ("fractions", "dtype"),
+    [((1 / 32, 1 / 8), torch.float16), ((0.1, 0.2), torch.bfloat16), ((0.0, 0.25), torch.float16)],
+)
+def test_planar_mixed_decode_matches_reference(fractions, dtype):
+    """Work in progress (``StoreLayout.planar_tiers``): the planar kernel over mixed key tiers (planar
+    words plus the 16-bit channels and the 4-bit codes' low bits, gathered query) against the float32
+    reference on the store's dequantized keys; a left-padding mask and 3 splits. The store is written by
+    the PyTorch path (no quantize kernel reads this layout yet)."""
+    config = MixKVQConfig(
+        key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2, residual_length=32, sink_tokens=2
+    )
+    lay = dataclasses.replace(StoreLayout.create(config, 2, 2, 200, 128, 128, dtype), planar_tiers=True)
+    assert lay.planar_mixed
+    store = KVStore.open(lay, *allocate(lay, DEVICE))
+    gen = torch.Generator().manual_seed(17)
+    k = (torch.randn(2, 2, 170, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype).to(DEVICE)
+    v = torch.randn(2, 2, 170, 128, generator=gen).to(dtype).to(DEVICE)
+    query = (
+        (torch.randn(2, 6, 1, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype).to(DEVICE)
+    )
+    store.accumulate_queries(query)
+    store.append(k, v, 0)
+    assert store.packed_groups == 4
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., :40] = False
+    out, ref = _run(query, store, 170, mask=mask, num_splits=3)
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("fractions", "dtype"),
+    [((1 / 32, 1 / 8), torch.float16), ((0.1, 0.2), torch.bfloat16), ((0.0, 0.25), torch.float16)],
+)
+def test_planar_mixed_append_bit_exact(fractions, dtype):
+    """Work in progress (``StoreLayout.planar_tiers``): the quantize kernel writes a planar mixed-tier
+    store byte for byte like ``KVStore.append`` (channels ranked by query salience in the kernel; bulk,
+    mixed and one-token writes across flushes), and one-token decode appends flush the same groups."""
+    config = MixKVQConfig(
+        key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2, residual_length=32, sink_tokens=2
+    )
+    lay = dataclasses.replace(StoreLayout.create(config, 2, 2, 200, 128, 128, dtype), planar_tiers=True)
+    assert lay.planar_mixed
+    stores = [KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(23)
+    k = (torch.randn(2, 2, 170, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype).to(DEVICE)
+    v = torch.randn(2, 2, 170, 128, generator=gen).to(dtype).to(DEVICE)
+    q = (torch.randn(2, 4, 3, 128, generator=gen) * torch.rand(128, generator=gen)).to(DEVICE)
+    for store in stores:
+        store.accumulate_queries(q)
+    for start, end in ((0, 77), (77, 130), (130, 131), (131, 139), (139, 140), (140, 170)):
+        stores[0].append(k[:, :, start:end], v[:, :, start:end], start)
+        qkern.append(stores[1], k[:, :, start:end], v[:, :, start:end], start)
+        _stores_equal(stores[0], stores[1], end)
+    assert stores[0].packed_groups == 4
+    extra_k = (torch.randn(2, 2, 24, 128, generator=gen) * 3).to(dtype).to(DEVICE)
+    extra_v = torch.randn(2, 2, 24, 128, generator=gen).to(dtype).to(DEVICE)
+    for i in range(24):  # decode steps: position on the device, the flush predicated in the kernel
+        pos = 170 + i
+        stores[0].append(extra_k[:, :, i : i + 1], extra_v[:, :, i : i + 1], pos)
+        qkern.append_token(
+            stores[1], extra_k[:, :, i : i + 1], extra_v[:, :, i : i + 1], torch.tensor([pos], device=DEVICE)
+        )
+    assert stores[0].packed_groups == 5
+    _stores_equal(stores[0], stores[1], 194)
+    # The dequantization for long prompt chunks (planar kernel, then the 16-bit and 4-bit channels).
+    slow_k, slow_v = stores[1].read(194)
+    for rows in (slice(None), slice(1, 2)):
+        fast_k, fast_v = stores[1].read(194, rows=rows, dequantize_groups=dequantize_groups)
+        assert torch.equal(fast_k, slow_k[rows]) and torch.equal(fast_v, slow_v[rows])

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixkvq_compile import PRESETS
+from mixkvq_compile.config import MixKVQConfig
 from mixkvq_compile.store import KVStore, StoreLayout, allocate, is_handle
 
 
@@ -291,3 +292,35 @@ def test_rpc_ratio_follows_the_kvmix_rule_and_keeps_its_window_exact():
         )
         assert not torch.equal(k[:, :, :packed_tokens], keys[:, :, :packed_tokens])  # quantized
     assert start - store.packed_groups * 32 < 32 / (1 - 0.2)
+
+
+@pytest.mark.parametrize(
+    ("fractions", "dtype"),
+    [((1 / 32, 1 / 8), torch.float16), ((0.1, 0.2), torch.bfloat16), ((0.0, 0.25), torch.float16)],
+)
+def test_planar_mixed_keys_dequantize_like_the_default_layout(fractions, dtype):
+    """The planar layout of mixed key tiers (the 4-bit codes split into the planar words' high 2 bits
+    and a 2-bit remainder) holds the same codes as the default layout: both stores, fed the same
+    queries and tokens, read back the same keys and values, bit for bit."""
+    config = MixKVQConfig(key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2, residual_length=32)
+    mixed = StoreLayout.create(config, 2, 3, 200, 128, 128, dtype)
+    default = dataclasses.replace(mixed, planar_tiers=False)
+    assert mixed.planar_mixed and not default.planar_mixed and not mixed.planar
+    # The planar words spend 2 bits on every 16-bit channel: +5% key bytes at 10% such channels.
+    assert mixed.blob_bytes(mixed.key_regions()) <= default.blob_bytes(default.key_regions()) * 1.06
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 5, 128, generator=gen) * torch.rand(128, generator=gen) * 4
+    k = (torch.randn(2, 3, 170, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype)
+    v = torch.randn(2, 3, 170, 128, generator=gen).to(dtype)
+    reads = []
+    for layout in (default, mixed):
+        store = KVStore.open(layout, *allocate(layout, "cpu"))
+        store.accumulate_queries(q)
+        store.append(k[:, :, :77], v[:, :, :77], 0)
+        store.accumulate_queries(q)
+        store.append(k[:, :, 77:], v[:, :, 77:], 77)
+        assert store.packed_groups == 4
+        reads.append(store.read(170))
+    assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1])
+    packed = slice(0, 128)
+    assert not torch.equal(reads[1][0][:, :, packed], k[:, :, packed])  # quantized, not a copy

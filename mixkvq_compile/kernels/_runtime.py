@@ -48,6 +48,15 @@ def store_arguments(store) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
     then the value data and qparams. An empty tier, or the qparams of a 16-bit part, point at the
     ring as a never-read placeholder."""
     lay, keys, values = store.layout, store.keys, store.values
+    if lay.planar_mixed:  # (16-bit values; 4-bit low bits, s4; 2-bit planar words, qparams)
+        high, mid, low = lay.key_channels
+        ring = keys["ring"]
+        tiers = [
+            (keys["tier0_values"] if high else ring, ring, high, 16, max(16, next_pow2(high))),
+            (keys["tier1_codes"] if mid else ring, keys["tier1_scales"] if mid else ring, mid, 4, 16),
+            (keys["tier2_codes"], keys["tier2_qparams"], low, 2, max(16, next_pow2(low))),
+        ]
+        return tiers, values["codes"], values["qparams"]
     tiers = []
     for t, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits, strict=True)):
         if channels == 0:

@@ -630,7 +630,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_m: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     fp_stages: int | None = None,
     gather: bool = False,
     packed: int | None = None,
@@ -652,7 +652,8 @@ def decode_attention(
         num_splits, block_m, num_warps, num_stages, fp_stages: tuning (splits over the packed groups;
             query rows per program; warps per program (planar stores: of the packed-group launch
             only; default 1 per 16 query rows); software-pipelining depth of the packed-group
-            loop and of the full-precision loop, default 2 for planar stores, else 1); ``gather``
+            loop (default 2 for planar stores of mixed tiers, else 3) and of the full-precision
+            loop (default 2 for planar stores, else 1); ``gather``
             unpacks codes with one byte load per code instead of a vector load plus an in-register
             reshape (default layout only; planar stores, ``StoreLayout.planar``, take
             ``planar_attention.planar_split_kernel`` for the packed groups).
@@ -726,7 +727,7 @@ def decode_attention(
     if num_splits is None:
         if device.type == "cuda":
             # Planar groups: one-warp programs, about 8 of them resident per SM (measured best, H200).
-            per_sm = 8 if lay.planar else 4
+            per_sm = 8 if lay.planar or lay.planar_mixed else 4
             target = per_sm * num_sms(
                 device.index if device.index is not None else torch.cuda.current_device()
             )
@@ -735,7 +736,7 @@ def decode_attention(
         num_splits = split_count(bh * q_blocks, target, triton.cdiv(max_groups, 4))
     num_splits = max(0, min(int(num_splits), max_groups))
     groups_per_split = triton.cdiv(max_groups, num_splits) if num_splits else 0
-    if lay.planar:  # the planar kernel takes two groups per step
+    if lay.planar or lay.planar_mixed:  # the planar kernel takes two groups per step
         groups_per_split += groups_per_split % 2
     num_splits = triton.cdiv(max_groups, groups_per_split) if num_splits else 0
 
@@ -777,10 +778,10 @@ def decode_attention(
     # Measured on H200 (2026-11-26): 2 warps beat 4 by 1.4x on mixed tiers, 4 is best for one tier.
     warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
     # Planar stores: ``num_warps`` tunes the packed-group kernel; the full-precision launch keeps its own.
-    fp_warps = (4 if block_m <= 32 else 8) if lay.planar else warps
+    fp_warps = (4 if block_m <= 32 else 8) if lay.planar or lay.planar_mixed else warps
     # Two stages prefetch the next ring block (H200, kivi2, same output: 8 x 32k 0.097 -> 0.093 ms,
     # 1 x 32k 0.040 -> 0.036, 1 x 128k 0.068 -> 0.062); not measured on the default layout.
-    fp_stages = fp_stages or (2 if lay.planar else 1)
+    fp_stages = fp_stages or (2 if lay.planar or lay.planar_mixed else 1)
     # Arguments the split kernel and the planar kernel share (see their signatures).
     common = [
         mask_t,
@@ -848,8 +849,9 @@ def decode_attention(
         # float16 query and store: dequantize in float16 (paired HFMA2); otherwise float32.
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
-    if num_splits and lay.planar:
-        codes, qparams = tiers[lay.key_tier][:2]
+    if num_splits and (lay.planar or lay.planar_mixed):
+        codes, qparams = tiers[2 if lay.planar_mixed else lay.key_tier][:2]
+        high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
         planar_split_kernel[(bh, num_splits, q_blocks)](
             query,
             *query.stride(),
@@ -857,16 +859,24 @@ def decode_attention(
             qparams,
             vdata,
             vq,
+            order,
+            tiers[0][0],
+            tiers[1][0],
+            tiers[1][1],
             *common,
             **common_meta,
             VGS=lay.value_group_size,
+            HIGH=high,
+            MID=mid,
             INTERP=interpreting(),
             num_warps=num_warps or max(1, block_m // 16),
-            num_stages=num_stages,
+            # Mixed tiers: two stages (H200, 2026-11-27, 13/26/89 channels: 8 x 32k 0.216 -> 0.199 ms,
+            # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
+            num_stages=num_stages or (2 if lay.planar_mixed else 3),
         )
     elif num_splits:
         _attn_split_kernel[(bh, num_splits, q_blocks)](
-            *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages
+            *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages or 3
         )
     _attn_split_kernel[(bh, 1, q_blocks)](
         *args, **meta, FP_PART=True, num_warps=fp_warps, num_stages=fp_stages

@@ -244,8 +244,8 @@ def dequantize_groups(
         return keys, values
     grid = (batch * lay.heads, count)
     shared = dict(H=lay.heads, NG=lay.num_groups, D=lay.head_dim, DV=lay.value_dim, G=lay.group_size)
-    if lay.planar:
-        tier = lay.key_tier
+    if lay.planar or lay.planar_mixed:
+        tier = 2 if lay.planar_mixed else lay.key_tier
         _dequantize_planar_kernel[grid](
             store.keys[f"tier{tier}_codes"],
             store.keys[f"tier{tier}_qparams"],
@@ -261,6 +261,9 @@ def dequantize_groups(
             INTERP=interpreting(),
             num_warps=4,
         )
+        if lay.planar_mixed:  # the 16-bit and 4-bit channels, in PyTorch (work in progress)
+            index, selected = store.planar_mixed_selected(count, rows)
+            keys.unflatten(2, (count, lay.group_size)).scatter_(4, index, selected.to(lay.dtype))
         return keys, values
     tiers, vdata, vq = store_arguments(store)
     meta = layout_constexprs(lay, tiers)

@@ -294,6 +294,59 @@ def _store_field(
 
 
 @triton.jit
+def _tier_scores(
+    q_ptr,
+    q_off,
+    row_ok,
+    sqd,
+    order_ptr,
+    hi_ptr,
+    lo_ptr,
+    s4_ptr,
+    gi,
+    BLOCK_M: tl.constexpr,
+    G: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
+):
+    """Mixed-tier stores (``StoreLayout.planar_mixed``): what the planar words leave out of the scores
+    of group ``gi``, ``[BLOCK_M, G]`` float32 times QSCALE: the 16-bit channels (the words hold 0 there)
+    and the low 2 bits of the 4-bit codes times their scale (the words hold the high 2 bits). One
+    tensor-core product per tier, of the query gathered at the group's channels of that tier; the
+    4-bit scales multiply the gathered query (``[BLOCK_M, MID]``), not the codes (``[MID, G]``)."""
+    t = tl.arange(0, G)
+    s = tl.zeros([BLOCK_M, G], tl.float32)
+    if HIGH > 0:
+        HP: tl.constexpr = max(16, triton.next_power_of_2(HIGH))
+        j = tl.arange(0, HP)
+        ok = j < HIGH
+        channel = tl.load(order_ptr + gi * (HIGH + MID) + j, mask=ok, other=0).to(tl.int32)
+        q = tl.load(
+            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+        )
+        q = (q.to(tl.float32) * 0.0625).to(tl.float16)  # QSCALE
+        k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, k.to(tl.float16), s)
+    if MID > 0:
+        MP: tl.constexpr = max(16, triton.next_power_of_2(MID))
+        j = tl.arange(0, MP)
+        ok = j < MID
+        channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
+        s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+        )
+        q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
+        b4 = tl.arange(0, G // 4)  # byte b holds tokens 4b .. 4b + 3, two bits each
+        byt = tl.load(lo_ptr + (gi * MID + j)[:, None] * (G // 4) + b4[None, :], mask=ok[:, None], other=0)
+        byt = byt.to(tl.int32)
+        low = tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, byt >> 6))  # [MP, G/4, 2, 2]
+        low = tl.reshape(low, [MP, G])  # token 4b + 2i + k at [b, i, k]
+        s = tl.dot(q, low.to(tl.float16), s)
+    return s
+
+
+@triton.jit
 def _packed_groups(
     q0,
     q1,
@@ -316,6 +369,13 @@ def _packed_groups(
     mask_ptr,
     mask_row,
     smk,
+    q_ptr,
+    q_off,
+    sqd,
+    order_ptr,
+    hi_ptr,
+    lo_ptr,
+    s4_ptr,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -324,6 +384,8 @@ def _packed_groups(
     VGS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     CAUSAL_PACKED: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Online softmax over packed groups ``g0 .. g1 - 1`` (flat index ``base + grp``) of query rows
@@ -354,6 +416,37 @@ def _packed_groups(
         s_b = _group_scores(
             q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, ks_b, kz_b, gi + 1, score_scale, BLOCK_M, D, G, INTERP
         )
+        if HIGH + MID > 0:
+            s_a += score_scale * _tier_scores(
+                q_ptr,
+                q_off,
+                row_ok,
+                sqd,
+                order_ptr,
+                hi_ptr,
+                lo_ptr,
+                s4_ptr,
+                gi,
+                BLOCK_M,
+                G,
+                HIGH,
+                MID,
+            )
+            s_b += score_scale * _tier_scores(
+                q_ptr,
+                q_off,
+                row_ok,
+                sqd,
+                order_ptr,
+                hi_ptr,
+                lo_ptr,
+                s4_ptr,
+                gi + 1,
+                BLOCK_M,
+                G,
+                HIGH,
+                MID,
+            )
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         s_b = _masked(
             s_b, S + (grp + 1) * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED
@@ -379,6 +472,22 @@ def _packed_groups(
         s_a = _group_scores(
             q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, ks_a, kz_a, gi, score_scale, BLOCK_M, D, G, INTERP
         )
+        if HIGH + MID > 0:
+            s_a += score_scale * _tier_scores(
+                q_ptr,
+                q_off,
+                row_ok,
+                sqd,
+                order_ptr,
+                hi_ptr,
+                lo_ptr,
+                s4_ptr,
+                gi,
+                BLOCK_M,
+                G,
+                HIGH,
+                MID,
+            )
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         m_new = tl.maximum(m_i, tl.max(s_a, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -426,6 +535,10 @@ def planar_split_kernel(
     kqp_ptr,
     vc_ptr,
     vqp_ptr,
+    order_ptr,
+    hi_ptr,
+    lo_ptr,
+    s4_ptr,
     mask_ptr,
     smb,
     smh,
@@ -455,6 +568,8 @@ def planar_split_kernel(
     MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     LENGTH_FROM_PTR: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
@@ -520,6 +635,13 @@ def planar_split_kernel(
             mask_ptr,
             mask_row,
             smk,
+            q_ptr,
+            q_off,
+            sqd,
+            order_ptr,
+            hi_ptr,
+            lo_ptr,
+            s4_ptr,
             BLOCK_M,
             D,
             DV,
@@ -528,6 +650,8 @@ def planar_split_kernel(
             VGS,
             0,
             CAUSAL_PACKED,
+            HIGH,
+            MID,
             INTERP,
         )
     else:
@@ -553,6 +677,13 @@ def planar_split_kernel(
             mask_ptr,
             mask_row,
             smk,
+            q_ptr,
+            q_off,
+            sqd,
+            order_ptr,
+            hi_ptr,
+            lo_ptr,
+            s4_ptr,
             BLOCK_M,
             D,
             DV,
@@ -561,6 +692,8 @@ def planar_split_kernel(
             VGS,
             MASK_KIND,
             CAUSAL_PACKED,
+            HIGH,
+            MID,
             INTERP,
         )
     part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows

@@ -125,6 +125,67 @@ def _store_key_tier(
 
 
 @triton.jit
+def _store_planar_mixed_keys(
+    k_ptr,
+    k_base,
+    skl,
+    skd,
+    tok,
+    position,
+    k0_ptr,
+    k1_ptr,
+    s4_ptr,
+    k2_ptr,
+    qp_ptr,
+    bh64,
+    grp,
+    kv_ptr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+):
+    """One group's keys in the planar layout of mixed tiers (``StoreLayout.planar_mixed``), channel
+    ``d`` at ``position[d]`` of the group's order (high tier first): the planar words and their (scale,
+    zero) over every channel, the 16-bit channels and the low 2 bits of the 4-bit codes with ``s4``;
+    like ``KVStore._store_planar_mixed_keys``, bit for bit."""
+    dd = tl.arange(0, D)
+    g = tl.arange(0, G)
+    x = tl.load(k_ptr + k_base + tok[None, :] * skl + dd[:, None].to(tl.int64) * skd)
+    x = x.to(kv_ptr.dtype.element_ty).to(tl.float32)  # [D, G]
+    xmin = tl.min(x, axis=1)
+    xmax = tl.max(x, axis=1)
+    s4, z4 = _qparams(xmin, xmax, 4)
+    s2, z2 = _qparams(xmin, xmax, 2)
+    c4 = _quantize_codes(x, s4, z4, 4)
+    high = position < C0
+    mid = (position >= C0) & (position < C0 + C1)
+    codes = tl.where(high[:, None], 0, tl.where(mid[:, None], c4 >> 2, _quantize_codes(x, s2, z2, 2)))
+    scale = tl.where(high, 0.0, tl.where(mid, s4.to(tl.float32) * 4.0, s2.to(tl.float32))).to(tl.float16)
+    zero = tl.where(high, 0.0, tl.where(mid, z4.to(tl.float32), z2.to(tl.float32))).to(tl.float16)
+    FW: tl.constexpr = D // 8
+    words = _pack_planar(tl.trans(codes), G, D)  # [G, FW]
+    j = tl.arange(0, FW)
+    tl.store(k2_ptr + bh64 * (NG * G * FW) + (grp * G + g[:, None]) * FW + j[None, :], words)
+    qp = qp_ptr + bh64 * (NG * 2 * D) + grp * (2 * D) + dd
+    tl.store(qp, scale)
+    tl.store(qp + D, zero)
+    if C0 > 0:
+        row = tl.where(high, position, 0)
+        dst = k0_ptr + bh64 * (NG * C0 * G) + (grp * C0 + row[:, None]) * G + g[None, :]
+        tl.store(dst, x.to(k0_ptr.dtype.element_ty), mask=high[:, None])
+    if C1 > 0:
+        NB: tl.constexpr = G // 4
+        row = tl.where(mid, position - C0, 0)
+        lower = tl.reshape(c4 & 3, (D, NB, 4))
+        packed = tl.sum(lower << (tl.arange(0, 4) * 2)[None, None, :], axis=2).to(tl.uint8)  # [D, G / 4]
+        dst = k1_ptr + bh64 * (NG * C1 * NB) + (grp * C1 + row[:, None]) * NB + tl.arange(0, NB)[None, :]
+        tl.store(dst, packed, mask=mid[:, None])
+        tl.store(s4_ptr + bh64 * (NG * C1) + grp * C1 + row, s4, mask=mid)
+
+
+@triton.jit
 def _rank_channels(
     k_ptr,
     k_base,
@@ -249,6 +310,7 @@ def _store_groups_kernel(
     SALIENCE: tl.constexpr,
     FROM_PTR: tl.constexpr,
     PLANAR: tl.constexpr,
+    PLANAR_MIXED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     n = tl.program_id(1)
@@ -272,7 +334,39 @@ def _store_groups_kernel(
         ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
         dd = tl.arange(0, D)
         position = dd
-        if RANK:
+        if PLANAR_MIXED:
+            SEL: tl.constexpr = C0 + C1
+            if RANK:
+                position = _rank_channels(
+                    k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
+                )
+            else:  # the position of each channel in the given order
+                o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod).to(tl.int32)
+                position = tl.sum(tl.where(o[None, :] == dd[:, None], dd[None, :], 0), axis=1)
+            sel = order_out_ptr + bh64 * (NG * SEL) + grp * SEL + position
+            tl.store(sel, dd.to(tl.uint8), mask=position < SEL)
+            _store_planar_mixed_keys(
+                k_ptr,
+                k_base,
+                skl,
+                skd,
+                tok,
+                position,
+                k0_ptr,
+                k1_ptr,
+                kq1_ptr,
+                k2_ptr,
+                kq2_ptr,
+                bh64,
+                grp,
+                kv_ptr,
+                D,
+                G,
+                NG,
+                C0,
+                C1,
+            )
+        elif RANK:
             position = _rank_channels(
                 k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
             )
@@ -280,7 +374,7 @@ def _store_groups_kernel(
         elif MIXED:
             o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
             tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
-        if C0 > 0:
+        if C0 > 0 and not PLANAR_MIXED:
             idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
             _store_key_tier(
                 k_ptr,
@@ -301,7 +395,7 @@ def _store_groups_kernel(
                 NG,
                 PLANAR,
             )
-        if C1 > 0:
+        if C1 > 0 and not PLANAR_MIXED:
             idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
             _store_key_tier(
                 k_ptr,
@@ -322,7 +416,7 @@ def _store_groups_kernel(
                 NG,
                 PLANAR,
             )
-        if C2 > 0:
+        if C2 > 0 and not PLANAR_MIXED:
             idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
             _store_key_tier(
                 k_ptr,
@@ -487,7 +581,8 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         RANK=rank,
         SALIENCE=rank and lay.salience,
         FROM_PTR=predicated,
-        PLANAR=lay.planar,
+        PLANAR=lay.planar_values,
+        PLANAR_MIXED=lay.planar_mixed,
         num_warps=4,
     )
 
