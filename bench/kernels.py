@@ -12,9 +12,11 @@ one transformers passes to a decode step over a static cache (keep the positions
 one that also drops a token in every 1024 (so that no program can skip reading it). Also a one-token
 append (with and without a group flush) and the bulk quantization of a 32k-token prompt.
 
-The stores are filled directly with random codes, scales, zero points and channel orders (quantizing
-128k tokens through Python would take minutes); the kernel reads the same bytes either way. Times are
-medians of ``triton.testing.do_bench`` (L2 flushed before every run).
+Stores with one key tier are filled directly with random codes, scales and zero points (the kernel
+reads the same bytes either way); stores with mixed key tiers by quantizing random keys and values
+(``KVStore.append``), since their planar layout keeps two parts of a 4-bit code apart and random bytes
+would not be a store that the kernel and ``read`` agree on. Times are medians of
+``triton.testing.do_bench`` (L2 flushed before every run).
 """
 
 from __future__ import annotations
@@ -77,9 +79,22 @@ def copy_bandwidth() -> float:
 
 
 def random_store(config, batch: int, ctx: int) -> KVStore:
-    """A store of ``ctx`` tokens with random contents (codes, qparams, orders, ring, sinks)."""
+    """A store of ``ctx`` tokens with random contents (codes, qparams, orders, ring, sinks).
+
+    Stores with mixed key tiers are filled by quantizing random keys and values (``KVStore.append``):
+    the planar layout of mixed tiers holds parts of one 4-bit code in two places, so random bytes would
+    not be a store that ``read`` and the kernel agree on."""
     lay = StoreLayout.create(config, batch, HKV, ctx + 64, D, D, DTYPE)
     store = KVStore.open(lay, *allocate(lay, "cuda"))
+    if lay.mixed_keys:
+        if lay.salience:
+            store.keys["query_abs_sum"].uniform_(0, 1)
+            store.keys["query_count"].fill_(1.0)
+        for start in range(0, ctx, 8192):  # 8192 tokens at a time: the input stays small
+            n = min(8192, ctx - start)
+            k = torch.randn(batch, HKV, n, D, dtype=DTYPE, device="cuda")
+            store.append(k, torch.randn_like(k), start)
+        return store
     for side in (store.keys, store.values):
         for name, t in side.items():
             if name == "header":
@@ -137,7 +152,10 @@ def main() -> None:
         f"date {time.strftime('%Y-%m-%d')}"
     )
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
-    print("stores filled with random codes/qparams/orders written directly into the views (not quantized)")
+    print(
+        "stores: one key tier filled with random codes/qparams written directly into the views; "
+        "mixed tiers filled by quantizing random keys and values"
+    )
     results, table = [], []
     shapes = SHAPES
     if len(sys.argv) > 1:
@@ -214,7 +232,7 @@ def main() -> None:
             sweep = {}
             if (batch, ctx) in ((8, 32768), (1, 131072)):
                 # Planar stores: one-warp programs, splits around 8 per SM; default layout: warps, gather.
-                planar = store.layout.planar
+                planar = store.layout.planar_values
                 for warps in (1, 2) if planar else (2, 4):
                     for stages in (2, 3, 4) if planar else (2, 3):
                         for third in (0.5, 1.0, 2.0) if planar else (False, True):
