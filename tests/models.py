@@ -41,8 +41,18 @@ def left_padded_batch(vocab: int, batch: int, length: int, pads: list[int], seed
     return ids, mask
 
 
-def generate(model, ids, mask, new_tokens: int):
-    """Greedy static-cache generation; returns (tokens [B, P + new], step logits [B, new, V])."""
+def generate(model, ids, mask, new_tokens: int, forced: torch.Tensor | None = None):
+    """Greedy static-cache generation; returns (tokens [B, P + new], step logits [B, new, V]).
+
+    ``forced [B, P + new]``: feed these tokens instead of the greedy ones (the logits returned are still
+    the model's own), so that two runs are compared step by step on the same prefixes."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceTokens(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            chosen = forced[:, input_ids.shape[1]].to(scores.device)
+            return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
     out = model.generate(
         ids,
         attention_mask=mask,
@@ -52,6 +62,7 @@ def generate(model, ids, mask, new_tokens: int):
         cache_implementation="static",
         return_dict_in_generate=True,
         output_logits=True,
+        logits_processor=LogitsProcessorList([ForceTokens()]) if forced is not None else None,
     )
     return out.sequences, torch.stack(out.logits, dim=1)
 

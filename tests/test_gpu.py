@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPT, NEW = 200, 64
 
 
-def run(preset, dtype, monkeypatch, kernels: bool):
+def run(preset, dtype, monkeypatch, kernels: bool, forced=None):
     if not kernels:
         monkeypatch.setenv("MIXKVQ_DISABLE_KERNELS", "1")
     torch._dynamo.reset()
@@ -21,7 +21,7 @@ def run(preset, dtype, monkeypatch, kernels: bool):
     ids, mask = ids.cuda(), mask.cuda()
     eager_forward = model.forward
     model.forward = torch.compile(eager_forward, backend="mixkvq", options={"preset": preset})
-    tokens, logits = generate(model, ids, mask, NEW)
+    tokens, logits = generate(model, ids, mask, NEW, forced)
     monkeypatch.delenv("MIXKVQ_DISABLE_KERNELS", raising=False)
     return eager_forward, tokens, logits, mask
 
@@ -33,11 +33,12 @@ def test_kernel_path_matches_reference_path(preset, dtype, monkeypatch):
     assert mixkvq_compile.counters["attention_rewritten"] == 4
     reference = teacher_forced_logits(eager_forward, tokens, mask, PROMPT)
     assert mean_kl(reference, logits) < 2e-2
-    _, ref_tokens, ref_logits, _ = run(preset, dtype, monkeypatch, kernels=False)
-    # Same store contents, different summation order: the first steps agree closely.
-    steps = int((tokens[:, PROMPT:] == ref_tokens[:, PROMPT:]).all(0).int().cumprod(0).sum())
-    assert steps >= 8
-    assert mean_kl(ref_logits[:, :steps], logits[:, :steps]) < 1e-3
+    # The PyTorch path fed the kernels' tokens: every step sees the same prefix, so a near tie between
+    # two tokens cannot end the comparison (free-running greedy runs of mixkvq in float16 parted after 7
+    # of 64 steps on an H200, in both key layouts, with KLs of 5e-8 and 3e-5 over those 7 steps).
+    _, ref_tokens, ref_logits, _ = run(preset, dtype, monkeypatch, kernels=False, forced=tokens)
+    assert torch.equal(ref_tokens, tokens)
+    assert mean_kl(ref_logits, logits) < 1e-3
 
 
 def test_passthrough_on_gpu_is_close_to_eager(monkeypatch):
