@@ -261,7 +261,7 @@ def dequantize_groups(
             INTERP=interpreting(),
             num_warps=4,
         )
-        if lay.planar_mixed:  # the 16-bit and 4-bit channels, in PyTorch (work in progress)
+        if lay.planar_mixed:  # the 16-bit and 4-bit channels, in PyTorch
             index, selected = store.planar_mixed_selected(count, rows)
             keys.unflatten(2, (count, lay.group_size)).scatter_(4, index, selected.to(lay.dtype))
         return keys, values

@@ -328,7 +328,10 @@ def _tier_scores(
         k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, k.to(tl.float16), s)
     if MID > 0:
-        MP: tl.constexpr = max(16, triton.next_power_of_2(MID))
+        # At least 32 rows: with a 16-row tile (16 or fewer 4-bit channels, MixKVQ's default 4 / 16 / 108)
+        # the compiled kernel was wrong on an H200 (Triton 3.6, relative error 0.23-0.25 at 32 query over 8
+        # KV heads, 2k to 32k tokens; right in the interpreter, cause not found); 32 rows are right there.
+        MP: tl.constexpr = max(32, triton.next_power_of_2(MID))
         j = tl.arange(0, MP)
         ok = j < MID
         channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
