@@ -4,6 +4,11 @@ One program per (batch * KV head, split, query block) walks a run of packed grou
 softmax and writes ``(m, l, acc)`` partials in the layout of ``decode_attention._attn_split_kernel``,
 whose full-precision launch and combine kernel finish the attention.
 
+Stores of mixed key tiers (``StoreLayout.planar_mixed``) keep a 2-bit field for every channel in the
+same words (0 for the 16-bit channels, the high 2 bits of the 4-bit codes), so the loop below is the
+same; ``_tier_scores`` adds, per group, the query gathered at the 16-bit channels times those channels
+and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits.
+
 Why the planar layout is fast: each int16 word holds 8 two-bit codes, one per bit field ``f``, and
 field ``f`` of a row of words is a run of ``D / 8`` consecutive channels (keys) or ``Dv / 8`` channels
 (values). ``word & (3 << 2f)`` read as a float16 is the code times ``4**f * 2**-24`` (a subnormal;
