@@ -232,7 +232,7 @@ def main() -> None:
             sweep = {}
             if (batch, ctx) in ((8, 32768), (1, 131072)):
                 # Planar stores: one-warp programs, splits around 8 per SM; default layout: warps, gather.
-                planar = store.layout.planar_values
+                planar = store.layout.planar_words
                 for warps in (1, 2) if planar else (2, 4):
                     for stages in (2, 3, 4) if planar else (2, 3):
                         for third in (0.5, 1.0, 2.0) if planar else (False, True):

@@ -219,8 +219,9 @@ class StoreLayout:
         )
 
     @property
-    def planar_values(self) -> bool:
-        """True when values use the planar code layout (``planar`` or ``planar_mixed`` stores)."""
+    def planar_words(self) -> bool:
+        """True for ``planar`` and ``planar_mixed`` stores: values in the planar code layout, and packed
+        groups that ``planar_attention.planar_split_kernel`` reads."""
         return self.planar or self.planar_mixed
 
     def _planar_shapes(self) -> bool:
@@ -313,21 +314,20 @@ class StoreLayout:
                 regions["tier1_scales"] = ((b, h, ng, mid), torch.float16)
             if high:
                 regions["tier0_values"] = ((b, h, ng, high, g), self.dtype)
-        elif self.mixed_keys:
-            regions["order"] = ((b, h, ng, d), torch.uint8)
-        for tier, (channels, bits) in enumerate(zip(self.key_channels, self.key_bits)):
-            if self.planar_mixed:
-                break
-            if channels == 0:
-                continue
-            if bits == 16:
-                regions[f"tier{tier}_values"] = ((b, h, ng, channels, g), self.dtype)
-            elif self.planar:
-                regions[f"tier{tier}_codes"] = ((b, h, ng, g, d // 8), torch.int16)
-                regions[f"tier{tier}_qparams"] = ((b, h, ng, 2, d), torch.float16)
-            else:
-                regions[f"tier{tier}_codes"] = ((b, h, ng, channels, g * bits // 8), torch.uint8)
-                regions[f"tier{tier}_qparams"] = ((b, h, ng, channels, 2), torch.float16)
+        else:
+            if self.mixed_keys:
+                regions["order"] = ((b, h, ng, d), torch.uint8)
+            for tier, (channels, bits) in enumerate(zip(self.key_channels, self.key_bits)):
+                if channels == 0:
+                    continue
+                if bits == 16:
+                    regions[f"tier{tier}_values"] = ((b, h, ng, channels, g), self.dtype)
+                elif self.planar:
+                    regions[f"tier{tier}_codes"] = ((b, h, ng, g, d // 8), torch.int16)
+                    regions[f"tier{tier}_qparams"] = ((b, h, ng, 2, d), torch.float16)
+                else:
+                    regions[f"tier{tier}_codes"] = ((b, h, ng, channels, g * bits // 8), torch.uint8)
+                    regions[f"tier{tier}_qparams"] = ((b, h, ng, channels, 2), torch.float16)
         if self.salience:
             regions["query_abs_sum"] = ((b, h, d), torch.float32)
             regions["query_count"] = ((b, h), torch.float32)
@@ -344,7 +344,7 @@ class StoreLayout:
         }
         if self.value_bits == 16:
             regions["values"] = ((b, h, ng, g, dv), self.dtype)
-        elif self.planar_values:
+        elif self.planar_words:
             regions["codes"] = ((b, h, ng, dv // 8, g), torch.int16)
             regions["qparams"] = ((b, h, ng, 2, dv // self.value_group_size, g), torch.float16)
         else:
@@ -646,12 +646,32 @@ class KVStore:
         k_sorted = torch.gather(k, 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, g))
         if lay.planar_mixed:
             self._store_planar_mixed_keys(groups, order, k_sorted)
-        elif lay.mixed_keys:
+        else:
+            self._store_key_tiers(groups, order, k_sorted)
+        v = value.reshape(b, h, count, g, lay.value_dim)
+        if lay.value_bits == 16:
+            self.values["values"][:, :, groups] = v.to(lay.dtype)
+        elif lay.planar_words:
+            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
+            scale, zero = reference.choose_qparams(grouped.amin(dim=-1), grouped.amax(dim=-1), lay.value_bits)
+            codes = reference.quantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), lay.value_bits)
+            words = reference.pack_planar(codes.reshape(b, h, count, g, lay.value_dim))
+            self.values["codes"][:, :, groups] = words.transpose(-1, -2)
+            self.values["qparams"][:, :, groups] = torch.stack([scale, zero], dim=3).transpose(-1, -2)
+        else:
+            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
+            codes, qparams = reference.quantize_groups(grouped, lay.value_bits)
+            self.values["codes"][:, :, groups] = codes.reshape(b, h, count, g, -1)
+            self.values["qparams"][:, :, groups] = qparams
+
+    def _store_key_tiers(self, groups, order: torch.Tensor, k_sorted: torch.Tensor) -> None:
+        """Keys of ``n`` groups in the default or the planar layout, tier by tier: ``order [B, H, n, D]``
+        (high tier first), ``k_sorted [B, H, n, D, G]`` float32 in that order."""
+        lay = self.layout
+        if lay.mixed_keys:
             self.keys["order"][:, :, groups] = order.to(torch.uint8)
         offset = 0
         for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):
-            if lay.planar_mixed:
-                break
             if channels == 0:
                 continue
             part = k_sorted[:, :, :, offset : offset + channels]
@@ -667,21 +687,6 @@ class KVStore:
                 codes, qparams = reference.quantize_groups(part, bits)
                 self.keys[f"tier{tier}_codes"][:, :, groups] = codes
                 self.keys[f"tier{tier}_qparams"][:, :, groups] = qparams
-        v = value.reshape(b, h, count, g, lay.value_dim)
-        if lay.value_bits == 16:
-            self.values["values"][:, :, groups] = v.to(lay.dtype)
-        elif lay.planar_values:
-            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
-            scale, zero = reference.choose_qparams(grouped.amin(dim=-1), grouped.amax(dim=-1), lay.value_bits)
-            codes = reference.quantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), lay.value_bits)
-            words = reference.pack_planar(codes.reshape(b, h, count, g, lay.value_dim))
-            self.values["codes"][:, :, groups] = words.transpose(-1, -2)
-            self.values["qparams"][:, :, groups] = torch.stack([scale, zero], dim=3).transpose(-1, -2)
-        else:
-            grouped = v.float().reshape(b, h, count, g, -1, lay.value_group_size)
-            codes, qparams = reference.quantize_groups(grouped, lay.value_bits)
-            self.values["codes"][:, :, groups] = codes.reshape(b, h, count, g, -1)
-            self.values["qparams"][:, :, groups] = qparams
 
     def _store_planar_mixed_keys(self, groups, order: torch.Tensor, k_sorted: torch.Tensor) -> None:
         """Keys of ``n`` groups in the planar layout of mixed tiers (module docstring): ``order [B, H, n,
@@ -879,7 +884,7 @@ class KVStore:
         lay = self.layout
         if lay.value_bits == 16:
             v = self.values["values"][rows, :, :count].float()
-        elif lay.planar_values:
+        elif lay.planar_words:
             codes = reference.unpack_planar(self.values["codes"][rows, :, :count].transpose(-1, -2))
             b, h, n, g, _ = codes.shape
             grouped = codes.reshape(b, h, n, g, -1, lay.value_group_size)  # [B, H, n, G, NVG, VGS]

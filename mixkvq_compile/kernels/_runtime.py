@@ -53,7 +53,13 @@ def store_arguments(store) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
         ring = keys["ring"]
         tiers = [
             (keys["tier0_values"] if high else ring, ring, high, 16, max(16, next_pow2(high))),
-            (keys["tier1_codes"] if mid else ring, keys["tier1_scales"] if mid else ring, mid, 4, 16),
+            (
+                keys["tier1_codes"] if mid else ring,
+                keys["tier1_scales"] if mid else ring,
+                mid,
+                4,
+                max(16, next_pow2(mid)),
+            ),
             (keys["tier2_codes"], keys["tier2_qparams"], low, 2, max(16, next_pow2(low))),
         ]
         return tiers, values["codes"], values["qparams"]

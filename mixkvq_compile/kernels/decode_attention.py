@@ -727,7 +727,7 @@ def decode_attention(
     if num_splits is None:
         if device.type == "cuda":
             # Planar groups: one-warp programs, about 8 of them resident per SM (measured best, H200).
-            per_sm = 8 if lay.planar or lay.planar_mixed else 4
+            per_sm = 8 if lay.planar_words else 4
             target = per_sm * num_sms(
                 device.index if device.index is not None else torch.cuda.current_device()
             )
@@ -736,7 +736,7 @@ def decode_attention(
         num_splits = split_count(bh * q_blocks, target, triton.cdiv(max_groups, 4))
     num_splits = max(0, min(int(num_splits), max_groups))
     groups_per_split = triton.cdiv(max_groups, num_splits) if num_splits else 0
-    if lay.planar or lay.planar_mixed:  # the planar kernel takes two groups per step
+    if lay.planar_words:  # the planar kernel takes two groups per step
         groups_per_split += groups_per_split % 2
     num_splits = triton.cdiv(max_groups, groups_per_split) if num_splits else 0
 
@@ -778,10 +778,10 @@ def decode_attention(
     # Measured on H200 (2026-11-26): 2 warps beat 4 by 1.4x on mixed tiers, 4 is best for one tier.
     warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
     # Planar stores: ``num_warps`` tunes the packed-group kernel; the full-precision launch keeps its own.
-    fp_warps = (4 if block_m <= 32 else 8) if lay.planar or lay.planar_mixed else warps
+    fp_warps = (4 if block_m <= 32 else 8) if lay.planar_words else warps
     # Two stages prefetch the next ring block (H200, kivi2, same output: 8 x 32k 0.097 -> 0.093 ms,
     # 1 x 32k 0.040 -> 0.036, 1 x 128k 0.068 -> 0.062); not measured on the default layout.
-    fp_stages = fp_stages or (2 if lay.planar or lay.planar_mixed else 1)
+    fp_stages = fp_stages or (2 if lay.planar_words else 1)
     # Arguments the split kernel and the planar kernel share (see their signatures).
     common = [
         mask_t,
@@ -849,7 +849,7 @@ def decode_attention(
         # float16 query and store: dequantize in float16 (paired HFMA2); otherwise float32.
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
-    if num_splits and (lay.planar or lay.planar_mixed):
+    if num_splits and lay.planar_words:
         codes, qparams = tiers[2 if lay.planar_mixed else lay.key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
         planar_split_kernel[(bh, num_splits, q_blocks)](

@@ -244,7 +244,7 @@ def dequantize_groups(
         return keys, values
     grid = (batch * lay.heads, count)
     shared = dict(H=lay.heads, NG=lay.num_groups, D=lay.head_dim, DV=lay.value_dim, G=lay.group_size)
-    if lay.planar or lay.planar_mixed:
+    if lay.planar_words:
         tier = 2 if lay.planar_mixed else lay.key_tier
         _dequantize_planar_kernel[grid](
             store.keys[f"tier{tier}_codes"],

@@ -581,7 +581,7 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         RANK=rank,
         SALIENCE=rank and lay.salience,
         FROM_PTR=predicated,
-        PLANAR=lay.planar_values,
+        PLANAR=lay.planar_words,
         PLANAR_MIXED=lay.planar_mixed,
         num_warps=4,
     )
