@@ -283,9 +283,24 @@ def test_decode_rejects_bad_inputs():
         )
 
 
+PER_GROUP_KEYS = (
+    "order",
+    "tier0_values",
+    "tier1_codes",
+    "tier1_qparams",
+    "tier1_scales",
+    "tier2_codes",
+    "tier2_qparams",
+)
+
+
 def _packed_groups_equal(a: KVStore, b: KVStore, count: int) -> None:
-    """The first ``count`` packed groups of two mix-layout stores are identical, byte for byte."""
-    for name in ("order", "tier0_values", "tier1_codes", "tier1_qparams", "tier2_codes", "tier2_qparams"):
+    """The first ``count`` packed groups of two mixed-tier stores (default or planar layout) are
+    identical, byte for byte: every per-group key tensor the layout has, and the value codes and
+    qparams."""
+    names = [n for n in PER_GROUP_KEYS if n in a.keys]
+    assert "order" in names and "tier2_codes" in names, names
+    for name in names:
         assert torch.equal(a.keys[name][:, :, :count], b.keys[name][:, :, :count]), name
     for name in ("codes", "qparams"):
         assert torch.equal(a.values[name][:, :, :count], b.values[name][:, :, :count]), name
@@ -708,8 +723,11 @@ def test_decode_gpu_gqa_large(name):
 
 
 @gpu_only
-def test_append_gpu_prompt_bit_exact():
+@pytest.mark.parametrize("planar_tiers", [True, False])
+def test_append_gpu_prompt_bit_exact(planar_tiers):
     lay = StoreLayout.create(MIX, 2, 8, 4096, 128, 128, torch.bfloat16)
+    lay = dataclasses.replace(lay, planar_tiers=planar_tiers)
+    assert lay.planar_mixed == planar_tiers
     a, b = (KVStore.open(lay, *allocate(lay, DEVICE)) for _ in range(2))
     for st in (a, b):
         st.keys["query_abs_sum"].fill_(1.0)
