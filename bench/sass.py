@@ -1,6 +1,6 @@
 """Instruction counts of the decode kernel's packed-group loop, compiled for a GPU on a machine without one.
 
-    python3 bench/sass.py                         # kivi2 and mixkvq, float16, default warps, sm_90
+    python3 bench/sass.py                         # kivi2 and both mixes, float16, default warps, sm_90
     python3 bench/sass.py --configs mixkvq --warps 2,4 --dtype bfloat16
     python3 bench/sass.py --configs kivi2 --top 40      # every opcode of the loop, not the 8 most frequent
 
@@ -8,9 +8,10 @@ Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel
 answers the only question the compiler asks (the target). The kernel is compiled exactly as
 ``decode_attention`` would launch it on a GPU (same constexprs, 16-byte alignment of every pointer),
 for 32 query heads over 8 KV heads, head_dim 128, groups of 32. For each configuration it prints
-the SASS instructions of the largest loop (one packed group per iteration), per warp and summed
-over the warps, and the most frequent opcodes: a cheap check of a kernel change before spending GPU
-time (fewer shared-memory round trips, fewer conversions). Counts are static, not a timing.
+the SASS instructions of the largest loop (two packed groups per iteration in the planar kernel),
+per warp and summed over the warps, and the most frequent opcodes: a cheap check of a kernel change
+before spending GPU time (fewer shared-memory round trips, fewer conversions). Counts are static,
+not a timing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 CONFIGS = {
     "kivi2": PRESETS["kivi2"],
     "mixkvq": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
+    "mixkvq-default": PRESETS["mixkvq"],  # 4 / 16 / 108 channels at head_dim 128
 }
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -124,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", default="kivi2,mixkvq")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--warps", default="default", help="comma-separated warp counts, or 'default'")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
@@ -132,8 +134,11 @@ def main() -> None:
     args = parser.parse_args()
     driver.set_active(TargetOnlyDriver(args.arch))
     warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
-    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; SASS instructions per packed group")
-    print(f"{'config':>8} {'warps':>5} {'per warp':>8} {'all warps':>9}  top opcodes")
+    print(
+        f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; "
+        "SASS instructions per iteration of the packed-group loop"
+    )
+    print(f"{'config':>14} {'warps':>5} {'per warp':>8} {'all warps':>9}  top opcodes")
     for name in args.configs.split(","):
         for w in warps:
             kernel = compile_packed_loop(CONFIGS[name], getattr(torch, args.dtype), w)
@@ -141,7 +146,7 @@ def main() -> None:
             per_warp = sum(loop.values())
             top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
             nw = kernel.metadata.num_warps
-            print(f"{name:>8} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
+            print(f"{name:>14} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
 
 
 if __name__ == "__main__":

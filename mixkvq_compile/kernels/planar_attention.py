@@ -6,7 +6,7 @@ whose full-precision launch and combine kernel finish the attention.
 
 Stores of mixed key tiers (``StoreLayout.planar_mixed``) keep a 2-bit field for every channel in the
 same words (0 for the 16-bit channels, the high 2 bits of the 4-bit codes), so the loop below is the
-same; ``_tier_scores`` adds, per group, the query gathered at the 16-bit channels times those channels
+same; ``_group_scores`` adds, per group, the query gathered at the 16-bit channels times those channels
 and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits.
 
 Why the planar layout is fast: each int16 word holds 8 two-bit codes, one per bit field ``f``, and
@@ -159,22 +159,37 @@ def _group_scores(
     kzero,
     gi,
     score_scale,
+    q_ptr,
+    q_off,
+    row_ok,
+    sqd,
+    order_ptr,
+    hi_ptr,
+    lo_ptr,
+    s4_ptr,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Base-2 scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups): ``q . k_hat``
     for every token of the group times ``score_scale`` (the softmax scale times log2(e), over QSCALE).
     ``kscale``, ``kzero``: the group's key scales and zero points ``[D / 8, 8]`` (column f: the channels
-    of field f), loaded by the caller."""
+    of field f), loaded by the caller. Stores of mixed key tiers add their ``HIGH`` 16-bit channels and
+    the low bits of their ``MID`` 4-bit codes (``_high_tier_scores``, ``_low_bits_scores``); the
+    arguments from ``q_ptr`` on serve those."""
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
     words = tl.trans(tl.load(kc_ptr + (gi * G + t[:, None]) * FW + j[None, :]))  # [FW, G] int16
     ks0, ks1, ks2, ks3, ks4, ks5, ks6, ks7 = _split8(kscale)
     kz0, kz1, kz2, kz3, kz4, kz5, kz6, kz7 = _split8(kzero)
-    s = tl.zeros([BLOCK_M, G], tl.float32)
+    if MID > 0:
+        s = _low_bits_scores(q_ptr, q_off, row_ok, sqd, order_ptr, lo_ptr, s4_ptr, gi, BLOCK_M, G, HIGH, MID)
+    else:
+        s = tl.zeros([BLOCK_M, G], tl.float32)
     sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
     for f in tl.static_range(8):
         qf = _pick(q0, q1, q2, q3, q4, q5, q6, q7, f)
@@ -184,7 +199,12 @@ def _group_scores(
             qf * (ks.to(tl.float32) * _inv_weight(f)).to(tl.float16)[None, :], _field(words, f, INTERP), s
         )
         sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, 16)), sz)
-    return s * (16777216.0 * score_scale) + (tl.max(sz, 1) * score_scale)[:, None]  # one FFMA each
+    s = s * (16777216.0 * score_scale) + (tl.max(sz, 1) * score_scale)[:, None]  # one FFMA each
+    if HIGH > 0:
+        s += score_scale * _high_tier_scores(
+            q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, gi, BLOCK_M, G, HIGH, MID
+        )
+    return s
 
 
 @triton.jit
@@ -299,13 +319,76 @@ def _store_field(
 
 
 @triton.jit
-def _tier_scores(
+def _high_tier_scores(
     q_ptr,
     q_off,
     row_ok,
     sqd,
     order_ptr,
     hi_ptr,
+    gi,
+    BLOCK_M: tl.constexpr,
+    G: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
+):
+    """Mixed-tier stores (``StoreLayout.planar_mixed``): the scores of group ``gi`` over its 16-bit
+    channels (the planar words hold 0 there), ``[BLOCK_M, G]`` float32 times QSCALE: one tensor-core
+    product of the query gathered at those channels and their values."""
+    t = tl.arange(0, G)
+    HP: tl.constexpr = max(16, triton.next_power_of_2(HIGH))
+    j = tl.arange(0, HP)
+    ok = j < HIGH
+    channel = tl.load(order_ptr + gi * (HIGH + MID) + j, mask=ok, other=0).to(tl.int32)
+    q = tl.load(
+        q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+    )
+    q = (q.to(tl.float32) * 0.0625).to(tl.float16)  # QSCALE
+    k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
+    return tl.dot(q, k.to(tl.float16))
+
+
+@triton.jit
+def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr, MP: tl.constexpr):
+    """The low 2 bits of group ``gi``'s 4-bit codes as int16 ``[MP, G]`` (rows ``j``, those past ``MID``
+    0). Stored as ``MID`` rows of ``G / 4`` bytes, byte b holding tokens 4b .. 4b + 3 at bits 0, 2, 4, 6.
+
+    A 16-row tile is read as int16 words (word w: tokens 8w .. 8w + 7, token 8w + k at bits 2k): read
+    as bytes, it compiled wrong for an H200 (Triton 3.6: relative error 0.24 at MixKVQ's default tiers,
+    4 / 16 / 108 channels; right in the interpreter). The one difference seen in the compiled IR is the
+    register layout of the product's operand, ``kWidth = 8`` from bytes and 4 from words; that this is
+    the cause was not established. With words the kernel is right there (``tests/test_kernels.py``'s
+    mixed-tier decode tests, H200) and 10% faster than with the 32-row byte tile used before (0.168
+    against 0.187 ms at 8 x 32k). Tiles of 32 or more rows are read as bytes: right, and faster than
+    words (13 / 26 / 89 channels at 8 x 32k: 0.194 against 0.202 ms)."""
+    if MP == 16:
+        w8 = tl.arange(0, G // 8)
+        word = tl.load(
+            lo_ptr.to(tl.pointer_type(tl.int16)) + (gi * MID + j)[:, None] * (G // 8) + w8[None, :],
+            mask=ok[:, None],
+            other=0,
+        )
+        f0 = tl.join(word & 3, (word >> 8) & 3)  # tokens 8w + 0 and 8w + 4: [MP, G/8, 2]
+        f1 = tl.join((word >> 4) & 3, (word >> 12) & 3)  # 8w + 2, 8w + 6
+        f2 = tl.join((word >> 2) & 3, (word >> 10) & 3)  # 8w + 1, 8w + 5
+        f3 = tl.join((word >> 6) & 3, (word >> 14) & 3)  # 8w + 3, 8w + 7
+        low = tl.join(tl.join(f0, f1), tl.join(f2, f3))  # token 8w + 4a + 2b + c at [w, a, b, c]
+    else:
+        b4 = tl.arange(0, G // 4)
+        byt = tl.load(lo_ptr + (gi * MID + j)[:, None] * (G // 4) + b4[None, :], mask=ok[:, None], other=0)
+        byt = byt.to(tl.int16)
+        low = tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, (byt >> 6) & 3))
+        # token 4b + 2i + k at [b, i, k]
+    return tl.reshape(low, [MP, G])
+
+
+@triton.jit
+def _low_bits_scores(
+    q_ptr,
+    q_off,
+    row_ok,
+    sqd,
+    order_ptr,
     lo_ptr,
     s4_ptr,
     gi,
@@ -314,44 +397,21 @@ def _tier_scores(
     HIGH: tl.constexpr,
     MID: tl.constexpr,
 ):
-    """Mixed-tier stores (``StoreLayout.planar_mixed``): what the planar words leave out of the scores
-    of group ``gi``, ``[BLOCK_M, G]`` float32 times QSCALE: the 16-bit channels (the words hold 0 there)
-    and the low 2 bits of the 4-bit codes times their scale (the words hold the high 2 bits). One
-    tensor-core product per tier, of the query gathered at the group's channels of that tier; the
-    4-bit scales multiply the gathered query (``[BLOCK_M, MID]``), not the codes (``[MID, G]``)."""
-    t = tl.arange(0, G)
-    s = tl.zeros([BLOCK_M, G], tl.float32)
-    if HIGH > 0:
-        HP: tl.constexpr = max(16, triton.next_power_of_2(HIGH))
-        j = tl.arange(0, HP)
-        ok = j < HIGH
-        channel = tl.load(order_ptr + gi * (HIGH + MID) + j, mask=ok, other=0).to(tl.int32)
-        q = tl.load(
-            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
-        )
-        q = (q.to(tl.float32) * 0.0625).to(tl.float16)  # QSCALE
-        k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, k.to(tl.float16), s)
-    if MID > 0:
-        # At least 32 rows: with a 16-row tile (16 or fewer 4-bit channels, MixKVQ's default 4 / 16 / 108)
-        # the compiled kernel was wrong on an H200 (Triton 3.6, relative error 0.23-0.25 at 32 query over 8
-        # KV heads, 2k to 32k tokens; right in the interpreter, cause not found); 32 rows are right there.
-        MP: tl.constexpr = max(32, triton.next_power_of_2(MID))
-        j = tl.arange(0, MP)
-        ok = j < MID
-        channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
-        s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
-        q = tl.load(
-            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
-        )
-        q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
-        b4 = tl.arange(0, G // 4)  # byte b holds tokens 4b .. 4b + 3, two bits each
-        byt = tl.load(lo_ptr + (gi * MID + j)[:, None] * (G // 4) + b4[None, :], mask=ok[:, None], other=0)
-        byt = byt.to(tl.int32)
-        low = tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, byt >> 6))  # [MP, G/4, 2, 2]
-        low = tl.reshape(low, [MP, G])  # token 4b + 2i + k at [b, i, k]
-        s = tl.dot(q, low.to(tl.float16), s)
-    return s
+    """Mixed-tier stores: the query gathered at the group's 4-bit channels times ``s4`` times the low 2
+    bits of their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in the units of
+    ``_group_scores``' products (the codes enter as float16 subnormals, ``code * 2**-24``), so that it
+    starts that accumulator."""
+    MP: tl.constexpr = max(16, triton.next_power_of_2(MID))
+    j = tl.arange(0, MP)
+    ok = j < MID
+    channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
+    s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+    )
+    q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
+    low = _low_bits(lo_ptr, gi, j, ok, G, MID, MP)
+    return tl.dot(q, low.to(tl.float16, bitcast=True))
 
 
 @triton.jit
@@ -419,42 +479,63 @@ def _packed_groups(
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
         s_a = _group_scores(
-            q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, ks_a, kz_a, gi, score_scale, BLOCK_M, D, G, INTERP
+            q0,
+            q1,
+            q2,
+            q3,
+            q4,
+            q5,
+            q6,
+            q7,
+            kc_ptr,
+            ks_a,
+            kz_a,
+            gi,
+            score_scale,
+            q_ptr,
+            q_off,
+            row_ok,
+            sqd,
+            order_ptr,
+            hi_ptr,
+            lo_ptr,
+            s4_ptr,
+            BLOCK_M,
+            D,
+            G,
+            HIGH,
+            MID,
+            INTERP,
         )
         s_b = _group_scores(
-            q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, ks_b, kz_b, gi + 1, score_scale, BLOCK_M, D, G, INTERP
+            q0,
+            q1,
+            q2,
+            q3,
+            q4,
+            q5,
+            q6,
+            q7,
+            kc_ptr,
+            ks_b,
+            kz_b,
+            gi + 1,
+            score_scale,
+            q_ptr,
+            q_off,
+            row_ok,
+            sqd,
+            order_ptr,
+            hi_ptr,
+            lo_ptr,
+            s4_ptr,
+            BLOCK_M,
+            D,
+            G,
+            HIGH,
+            MID,
+            INTERP,
         )
-        if HIGH + MID > 0:
-            s_a += score_scale * _tier_scores(
-                q_ptr,
-                q_off,
-                row_ok,
-                sqd,
-                order_ptr,
-                hi_ptr,
-                lo_ptr,
-                s4_ptr,
-                gi,
-                BLOCK_M,
-                G,
-                HIGH,
-                MID,
-            )
-            s_b += score_scale * _tier_scores(
-                q_ptr,
-                q_off,
-                row_ok,
-                sqd,
-                order_ptr,
-                hi_ptr,
-                lo_ptr,
-                s4_ptr,
-                gi + 1,
-                BLOCK_M,
-                G,
-                HIGH,
-                MID,
-            )
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         s_b = _masked(
             s_b, S + (grp + 1) * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED
@@ -478,24 +559,34 @@ def _packed_groups(
         gi = base + grp
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         s_a = _group_scores(
-            q0, q1, q2, q3, q4, q5, q6, q7, kc_ptr, ks_a, kz_a, gi, score_scale, BLOCK_M, D, G, INTERP
+            q0,
+            q1,
+            q2,
+            q3,
+            q4,
+            q5,
+            q6,
+            q7,
+            kc_ptr,
+            ks_a,
+            kz_a,
+            gi,
+            score_scale,
+            q_ptr,
+            q_off,
+            row_ok,
+            sqd,
+            order_ptr,
+            hi_ptr,
+            lo_ptr,
+            s4_ptr,
+            BLOCK_M,
+            D,
+            G,
+            HIGH,
+            MID,
+            INTERP,
         )
-        if HIGH + MID > 0:
-            s_a += score_scale * _tier_scores(
-                q_ptr,
-                q_off,
-                row_ok,
-                sqd,
-                order_ptr,
-                hi_ptr,
-                lo_ptr,
-                s4_ptr,
-                gi,
-                BLOCK_M,
-                G,
-                HIGH,
-                MID,
-            )
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         m_new = tl.maximum(m_i, tl.max(s_a, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

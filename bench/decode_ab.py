@@ -1,0 +1,94 @@
+"""Time and check the fused decode kernel for a few stores; run it once per package version to compare.
+
+    python3 bench/decode_ab.py                                  # 8 x 32k and 1 x 128k, three settings
+    PYTHONPATH=ab/old python3 bench/decode_ab.py --label old    # the same with an older copy of the package
+    python3 bench/decode_ab.py --shapes 8x32768 --configs mixkvq-default
+
+For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16) and each quantization
+setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a CUDA graph, L2
+flushed), cuDNN SDPA fp16 on full-precision K/V of the same size in the same process, their ratio, and
+the relative error of the fused kernel against float32 attention over the store's own dequantized keys
+and values (``store.read``): a kernel change that is faster but wrong shows here. Stores are filled as
+in ``bench/kernels.py`` (``random_store``). To compare two versions of the kernel, run the script
+twice in one device call, with the older package first on ``PYTHONPATH`` the first time: the cuDNN
+time printed by each run tells whether the card's speed moved between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # last: a package copy on PYTHONPATH wins
+
+# Imported before bench/kernels.py, which puts this tree first on sys.path.
+mixkvq_compile = importlib.import_module("mixkvq_compile")
+
+from kernels import HKV, HQ, D, bench_graph, random_store  # noqa: E402
+
+from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
+
+CONFIGS = {
+    "kivi2": PRESETS["kivi2"],
+    "mix-13-26-89": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
+    "mixkvq-default": PRESETS["mixkvq"],
+}
+
+
+def relative_error(out: torch.Tensor, q: torch.Tensor, store, ctx: int) -> float:
+    """Relative L2 error of ``out [B, HQ, 1, D]`` against float32 SDPA over ``store.read(ctx)``."""
+    k, v = store.read(ctx)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="8x32768,1x131072")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--label", default="this tree")
+    args = parser.parse_args()
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
+    torch.manual_seed(0)
+    print(
+        f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
+        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    print(f"{'shape':>9} {'config':>15} {'ours ms':>8} {'cudnn ms':>8} {'x cudnn':>7} {'rel err':>8}")
+    for shape in args.shapes.split(","):
+        batch, ctx = (int(n) for n in shape.split("x"))
+        q = torch.randn(batch, HQ, 1, D, dtype=torch.float16, device="cuda")
+        k = torch.randn(batch, HKV, ctx, D, dtype=torch.float16, device="cuda")
+        v = torch.randn_like(k)
+
+        def cudnn(k=k, v=v, q=q):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        base = bench_graph(cudnn)
+        del k, v
+        for name in args.configs.split(","):
+            store = random_store(CONFIGS[name], batch, ctx)
+            packed = store.layout.flushed_groups(ctx)
+            out = decode_attention(q, store, ctx, packed=packed)
+            err = relative_error(out, q, store, ctx)
+            ours = bench_graph(lambda s=store, p=packed, q=q, n=ctx: decode_attention(q, s, n, packed=p))
+            print(f"{shape:>9} {name:>15} {ours:8.4f} {base:8.4f} {base / ours:7.2f} {err:8.1e}", flush=True)
+            del store
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
