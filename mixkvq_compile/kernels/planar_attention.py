@@ -146,27 +146,13 @@ def _load_query_field(q_ptr, q_off, row_ok, sqd, F_: tl.constexpr, FW: tl.conste
 
 @triton.jit
 def _group_scores(
-    q0,
-    q1,
-    q2,
-    q3,
-    q4,
-    q5,
-    q6,
-    q7,
+    qs,
     kc_ptr,
     kscale,
     kzero,
     gi,
     score_scale,
-    q_ptr,
-    q_off,
-    row_ok,
-    sqd,
-    order_ptr,
-    hi_ptr,
-    lo_ptr,
-    s4_ptr,
+    tiers,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
@@ -177,9 +163,12 @@ def _group_scores(
     """Base-2 scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups): ``q . k_hat``
     for every token of the group times ``score_scale`` (the softmax scale times log2(e), over QSCALE).
     ``kscale``, ``kzero``: the group's key scales and zero points ``[D / 8, 8]`` (column f: the channels
-    of field f), loaded by the caller. Stores of mixed key tiers add their ``HIGH`` 16-bit channels and
-    the low bits of their ``MID`` 4-bit codes (``_high_tier_scores``, ``_low_bits_scores``); the
-    arguments from ``q_ptr`` on serve those."""
+    of field f), loaded by the caller. ``qs``: the query fields ``(q0, .., q7)`` (``_load_query_field``).
+    Stores of mixed key tiers add their ``HIGH`` 16-bit channels and the low bits of their ``MID`` 4-bit
+    codes (``_high_tier_scores``, ``_low_bits_scores``), from ``tiers``: ``(q_ptr, q_off, row_ok, sqd,
+    order_ptr, hi_ptr, lo_ptr, s4_ptr)`` (as ``planar_split_kernel``'s)."""
+    q0, q1, q2, q3, q4, q5, q6, q7 = qs
+    q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr = tiers
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
@@ -416,14 +405,7 @@ def _low_bits_scores(
 
 @triton.jit
 def _packed_groups(
-    q0,
-    q1,
-    q2,
-    q3,
-    q4,
-    q5,
-    q6,
-    q7,
+    qs,
     kc_ptr,
     kqp_ptr,
     vc_ptr,
@@ -437,13 +419,7 @@ def _packed_groups(
     mask_ptr,
     mask_row,
     smk,
-    q_ptr,
-    q_off,
-    sqd,
-    order_ptr,
-    hi_ptr,
-    lo_ptr,
-    s4_ptr,
+    tiers,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -457,9 +433,9 @@ def _packed_groups(
     INTERP: tl.constexpr,
 ):
     """Online softmax over packed groups ``g0 .. g1 - 1`` (flat index ``base + grp``) of query rows
-    ``q0 .. q7`` (``_load_query_field``): the running max ``m [BLOCK_M]`` and sum ``l [BLOCK_M]`` of the
-    base-2 scores, the 8 field accumulators ``[BLOCK_M, DV / 8]`` and the value-zero accumulator
-    ``[BLOCK_M, 16]`` (``_group_values``)."""
+    ``qs`` (the 8 query fields, ``_load_query_field``; ``tiers`` as in ``_group_scores``): the running
+    max ``m [BLOCK_M]`` and sum ``l [BLOCK_M]`` of the base-2 scores, the 8 field accumulators
+    ``[BLOCK_M, DV / 8]`` and the value-zero accumulator ``[BLOCK_M, 16]`` (``_group_values``)."""
     tok = tl.arange(0, G)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -478,63 +454,9 @@ def _packed_groups(
         gi = base + grp
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
-        s_a = _group_scores(
-            q0,
-            q1,
-            q2,
-            q3,
-            q4,
-            q5,
-            q6,
-            q7,
-            kc_ptr,
-            ks_a,
-            kz_a,
-            gi,
-            score_scale,
-            q_ptr,
-            q_off,
-            row_ok,
-            sqd,
-            order_ptr,
-            hi_ptr,
-            lo_ptr,
-            s4_ptr,
-            BLOCK_M,
-            D,
-            G,
-            HIGH,
-            MID,
-            INTERP,
-        )
+        s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
         s_b = _group_scores(
-            q0,
-            q1,
-            q2,
-            q3,
-            q4,
-            q5,
-            q6,
-            q7,
-            kc_ptr,
-            ks_b,
-            kz_b,
-            gi + 1,
-            score_scale,
-            q_ptr,
-            q_off,
-            row_ok,
-            sqd,
-            order_ptr,
-            hi_ptr,
-            lo_ptr,
-            s4_ptr,
-            BLOCK_M,
-            D,
-            G,
-            HIGH,
-            MID,
-            INTERP,
+            qs, kc_ptr, ks_b, kz_b, gi + 1, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP
         )
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         s_b = _masked(
@@ -558,35 +480,7 @@ def _packed_groups(
         grp = g1 - 1
         gi = base + grp
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
-        s_a = _group_scores(
-            q0,
-            q1,
-            q2,
-            q3,
-            q4,
-            q5,
-            q6,
-            q7,
-            kc_ptr,
-            ks_a,
-            kz_a,
-            gi,
-            score_scale,
-            q_ptr,
-            q_off,
-            row_ok,
-            sqd,
-            order_ptr,
-            hi_ptr,
-            lo_ptr,
-            s4_ptr,
-            BLOCK_M,
-            D,
-            G,
-            HIGH,
-            MID,
-            INTERP,
-        )
+        s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
         s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
         m_new = tl.maximum(m_i, tl.max(s_a, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -701,6 +595,8 @@ def planar_split_kernel(
     q5 = _load_query_field(q_ptr, q_off, row_ok, sqd, 5, FW)
     q6 = _load_query_field(q_ptr, q_off, row_ok, sqd, 6, FW)
     q7 = _load_query_field(q_ptr, q_off, row_ok, sqd, 7, FW)
+    qs = (q0, q1, q2, q3, q4, q5, q6, q7)
+    tiers = (q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr)
     g0 = sp * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, packed)
     base = bh.to(tl.int64) * NG
@@ -713,14 +609,7 @@ def planar_split_kernel(
     # instructions per group (Triton 3.6, sm_90). Without a mask the condition is constant.
     if _mask_keeps_all(mask_ptr, mask_row, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, MASK_KIND):
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
-            q0,
-            q1,
-            q2,
-            q3,
-            q4,
-            q5,
-            q6,
-            q7,
+            qs,
             kc_ptr,
             kqp_ptr,
             vc_ptr,
@@ -734,13 +623,7 @@ def planar_split_kernel(
             mask_ptr,
             mask_row,
             smk,
-            q_ptr,
-            q_off,
-            sqd,
-            order_ptr,
-            hi_ptr,
-            lo_ptr,
-            s4_ptr,
+            tiers,
             BLOCK_M,
             D,
             DV,
@@ -755,14 +638,7 @@ def planar_split_kernel(
         )
     else:
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
-            q0,
-            q1,
-            q2,
-            q3,
-            q4,
-            q5,
-            q6,
-            q7,
+            qs,
             kc_ptr,
             kqp_ptr,
             vc_ptr,
@@ -776,13 +652,7 @@ def planar_split_kernel(
             mask_ptr,
             mask_row,
             smk,
-            q_ptr,
-            q_off,
-            sqd,
-            order_ptr,
-            hi_ptr,
-            lo_ptr,
-            s4_ptr,
+            tiers,
             BLOCK_M,
             D,
             DV,
