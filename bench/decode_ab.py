@@ -3,6 +3,7 @@
     python3 bench/decode_ab.py                                  # 8 x 32k and 1 x 128k, three settings
     PYTHONPATH=ab/old python3 bench/decode_ab.py --label old    # the same with an older copy of the package
     python3 bench/decode_ab.py --shapes 8x32768 --configs mixkvq-default
+    python3 bench/decode_ab.py --splits default,1,2,4   # also fewer splits: longer walks per program
 
 For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16) and each quantization
 setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a CUDA graph, L2
@@ -11,7 +12,10 @@ the relative error of the fused kernel against float32 attention over the store'
 and values (``store.read``): a kernel change that is faster but wrong shows here. Stores are filled as
 in ``bench/kernels.py`` (``random_store``). To compare two versions of the kernel, run the script
 twice in one device call, with the older package first on ``PYTHONPATH`` the first time: the cuDNN
-time printed by each run tells whether the card's speed moved between them.
+time printed by each run tells whether the card's speed moved between them. With ``--splits`` each
+store is also run with the given split counts (``default``: ``decode_attention``'s choice), since the
+error of a program's walk over many groups may grow with its length (session 10 saw 2.4e-2 at 8 x 32k
+with one split, against 7e-4 with the default).
 """
 
 from __future__ import annotations
@@ -57,7 +61,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x32768,1x131072")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--label", default="this tree")
+    parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
     args = parser.parse_args()
+    try:
+        splits = [None if n == "default" else int(n) for n in args.splits.split(",")]
+    except ValueError:
+        parser.error(f"--splits takes integers or 'default', got {args.splits!r}")
+    if any(n is not None and n < 1 for n in splits):
+        parser.error("--splits: split counts must be at least 1")
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
@@ -66,7 +77,8 @@ def main() -> None:
         f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    print(f"{'shape':>9} {'config':>15} {'ours ms':>8} {'cudnn ms':>8} {'x cudnn':>7} {'rel err':>8}")
+    columns = ("shape", 9), ("config", 15), ("splits", 7), ("ours ms", 8), ("cudnn ms", 8), ("x cudnn", 7)
+    print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))
         q = torch.randn(batch, HQ, 1, D, dtype=torch.float16, device="cuda")
@@ -82,10 +94,15 @@ def main() -> None:
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx)
             packed = store.layout.flushed_groups(ctx)
-            out = decode_attention(q, store, ctx, packed=packed)
-            err = relative_error(out, q, store, ctx)
-            ours = bench_graph(lambda s=store, p=packed, q=q, n=ctx: decode_attention(q, s, n, packed=p))
-            print(f"{shape:>9} {name:>15} {ours:8.4f} {base:8.4f} {base / ours:7.2f} {err:8.1e}", flush=True)
+            for n_splits in splits:
+                kw = {"packed": packed, "num_splits": n_splits}
+                err = relative_error(decode_attention(q, store, ctx, **kw), q, store, ctx)
+                ours = bench_graph(lambda s=store, q=q, n=ctx, kw=kw: decode_attention(q, s, n, **kw))
+                label = "default" if n_splits is None else str(n_splits)
+                print(
+                    f"{shape:>9} {name:>15} {label:>7} {ours:8.4f} {base:8.4f} {base / ours:7.2f} {err:8.1e}",
+                    flush=True,
+                )
             del store
             torch.cuda.empty_cache()
 
