@@ -10,7 +10,9 @@ flash SDPA fp16 (both on full-precision K/V of the same size, no K/V copied for 
 (``store.read`` + SDPA). The fused kernel also runs with two attention masks (column "masks"): the
 one transformers passes to a decode step over a static cache (keep the positions up to the query) and
 one that also drops a token in every 1024 (so that no program can skip reading it). Also a one-token
-append (with and without a group flush) and the bulk quantization of a 32k-token prompt.
+append (with and without a group flush), alone in a CUDA graph and as its share of a graph that also
+holds the attention (how a compiled decode step runs it), and the bulk quantization of a 32k-token
+prompt.
 
 Stores with one key tier are filled directly with random codes, scales and zero points (the kernel
 reads the same bytes either way); stores with mixed key tiers by quantizing random keys and values
@@ -283,6 +285,30 @@ def main() -> None:
 
             app_token_flush = bench_graph(token_flush) - bench_graph(restore_headers)
 
+            # The append's share of a decode step, as a compiled model runs it: attention and
+            # append_token in one CUDA graph, minus the attention alone in the same way. A graph of the
+            # append alone (above) also times the graph's launch, which a real step pays once for all
+            # of its kernels. The attention reads ``ctx`` tokens and ``packed`` groups whatever the
+            # headers say, so the append changes nothing it reads.
+            def attend(store=store, q=q, ctx=ctx, packed=packed):
+                return decode_attention(q, store, ctx, packed=packed)
+
+            def attend_append(store=store, tk=tk, tv=tv, pos=pos):
+                attend()
+                qkern.append_token(store, tk, tv, pos)
+
+            def attend_restore():
+                attend()
+                restore_headers()
+
+            def attend_append_flush():
+                attend()
+                token_flush()
+
+            in_step = bench_graph(attend_append) - bench_graph(attend)
+            in_step_flush = bench_graph(attend_append_flush) - bench_graph(attend_restore)
+            in_step_amortized = ((lay.group_size - 1) * in_step + in_step_flush) / lay.group_size
+
             def torch_append(p=flush_at, store=store, tk=tk, tv=tv):
                 store.set_length(p)
                 store.append(tk, tv, p)
@@ -317,6 +343,9 @@ def main() -> None:
                 append_token_flush_ms=app_token_flush,
                 append_torch_flush_ms=app_torch,
                 append_amortized_pct=100 * amortized / ours,
+                append_in_step_ms=in_step,
+                append_flush_in_step_ms=in_step_flush,
+                append_in_step_amortized_pct=100 * in_step_amortized / ours,
                 sweep=sweep,
             )
             results.append(row)
@@ -396,7 +425,9 @@ def main() -> None:
     for r in table:
         print(
             f"append_token {r['shape']} {r['config']}: {r['append_token_ms'] * 1e3:.1f} us, with flush "
-            f"{r['append_token_flush_ms'] * 1e3:.1f} us"
+            f"{r['append_token_flush_ms'] * 1e3:.1f} us; in a graph with the attention "
+            f"{r['append_in_step_ms'] * 1e3:.1f} us, with flush {r['append_flush_in_step_ms'] * 1e3:.1f} us, "
+            f"amortized {r['append_in_step_amortized_pct']:.1f}% of the attention"
         )
     compiler_report()
 
