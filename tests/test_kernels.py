@@ -775,7 +775,8 @@ def test_planar_mixed_decode_at_llama_heads(fractions):
     default splits, against the float32 reference. With 16 4-bit channels (MixKVQ's default tiers, and 8
     16-bit channels) read as a 16-row byte tile, the kernel compiled for an H200 was wrong (relative
     error 0.24); this test and ``test_planar_mixed_decode_matches_reference`` with (1/32, 1/8) failed
-    there on that kernel (2026-11-27). ``_low_bits`` now reads such tiles as int16 words."""
+    there on that kernel (2026-11-27; a Triton 3.6 bug, see ``_low_bits``). ``_low_bits`` now reads such
+    tiles as int16 words."""
     config = MixKVQConfig(key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2)
     lay = StoreLayout.create(config, 1, 8, 2048 + 64, 128, 128, torch.float16)
     assert lay.planar_mixed

@@ -344,12 +344,14 @@ def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr, MP: tl.cons
 
     A 16-row tile is read as int16 words (word w: tokens 8w .. 8w + 7, token 8w + k at bits 2k): read
     as bytes, it compiled wrong for an H200 (Triton 3.6: relative error 0.24 at MixKVQ's default tiers,
-    4 / 16 / 108 channels; right in the interpreter). The one difference seen in the compiled IR is the
-    register layout of the product's operand, ``kWidth = 8`` from bytes and 4 from words; that this is
-    the cause was not established. With words the kernel is right there (``tests/test_kernels.py``'s
-    mixed-tier decode tests, H200) and 10% faster than with the 32-row byte tile used before (0.168
-    against 0.187 ms at 8 x 32k). Tiles of 32 or more rows are read as bytes: right, and faster than
-    words (13 / 26 / 89 channels at 8 x 32k: 0.194 against 0.202 ms)."""
+    4 / 16 / 108 channels; right in the interpreter). Triton 3.6 gives a product's operand that comes
+    from bytes ``kWidth = 8`` even when K is 16, which triton-lang/triton#11691 (2026-09-10) fixes as
+    "incorrect results for small-K dots with upcast operands"; from words it gets 4. Triton 3.9 gives the
+    byte tile 4 as well (``bench/kwidth_audit.py`` lists such operands in every decode kernel). With
+    words the kernel is right on the H200 (``tests/test_kernels.py``'s mixed-tier decode tests) and 10%
+    faster than with the 32-row byte tile used before (0.168 against 0.187 ms at 8 x 32k). Tiles of 32
+    or more rows are read as bytes: right, and faster than words (13 / 26 / 89 channels at 8 x 32k:
+    0.194 against 0.202 ms)."""
     if MP == 16:
         w8 = tl.arange(0, G // 8)
         word = tl.load(
