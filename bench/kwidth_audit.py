@@ -9,16 +9,17 @@ with ``kWidth = 8`` even when the product's K is 16, and the kernel then compute
 mixed-tier decode kernel hit it on an H200 with Triton 3.6 (a 16-row tile of low bits read as bytes:
 relative error 0.24; see ``planar_attention._low_bits``). This script compiles the decode kernels
 ahead of time for a GPU on a machine without one (as ``bench/sass.py`` does), for every preset in
-both store layouts of mixed key tiers, head_dim 64 and 128, float16 and bfloat16, and prints each
-kernel whose Triton GPU IR has a dot operand with K = 16 and ``kWidth >= 8``. Run it with the Triton
-the GPU machine uses; it exits with status 1 when it finds one. A static check of one known hazard,
-not a proof of correctness.
+both store layouts of mixed key tiers, head_dim 64 and 128, float16 and bfloat16, a decode step and
+a 16-token query chunk, and prints each kernel whose Triton GPU IR has a dot operand with K = 16 and
+``kWidth >= 8``. Run it with the Triton the GPU machine uses; it exits with status 1 when it finds
+one. A static check of one known hazard, not a proof of correctness.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import re
 import sys
@@ -42,8 +43,9 @@ OPERAND = re.compile(
 )
 
 
-def compiled_decode_kernels(layout: StoreLayout, dtype: torch.dtype) -> list:
-    """``(name, compiled kernel)`` of every launch of one decode call on a store of ``layout``."""
+def compiled_decode_kernels(layout: StoreLayout, dtype: torch.dtype, query_len: int) -> list:
+    """``(name, compiled kernel)`` of every launch of one decode call on a store of ``layout``, for
+    ``query_len`` query tokens (1: a decode step; more: a causal query chunk)."""
     kernels = []
     run = triton_jit.JITFunction.run
 
@@ -53,11 +55,13 @@ def compiled_decode_kernels(layout: StoreLayout, dtype: torch.dtype) -> list:
         return kernel
 
     store = KVStore.open(layout, *allocate(layout, "cpu"))
-    query = torch.zeros(1, 32, 1, layout.head_dim, dtype=dtype)
+    query = torch.zeros(1, 32, query_len, layout.head_dim, dtype=dtype)
     triton_jit.JITFunction.run = compile_only
     decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
     try:  # CPU tensors stand in for CUDA ones: nothing is launched
-        decode.decode_attention(query, store, 1000, num_splits=4, packed=layout.flushed_groups(1000))
+        decode.decode_attention(
+            query, store, 1000, num_splits=4, packed=layout.flushed_groups(1000), causal=query_len > 1
+        )
     finally:
         triton_jit.JITFunction.run = run
         decode.check_kernel_device = check
@@ -87,17 +91,18 @@ def main() -> None:
     for name, config in PRESETS.items():
         for head_dim in (64, 128):
             for planar_tiers in (True, False):
-                for dtype in (torch.float16, torch.bfloat16):
+                for dtype, query_len in itertools.product((torch.float16, torch.bfloat16), (1, 16)):
                     layout = StoreLayout.create(config, 1, 8, 1088, head_dim, head_dim, dtype)
                     layout = dataclasses.replace(layout, planar_tiers=planar_tiers)
                     found = {
                         (kernel_name, *operand)
-                        for kernel_name, kernel in compiled_decode_kernels(layout, dtype)
+                        for kernel_name, kernel in compiled_decode_kernels(layout, dtype, query_len)
                         for operand in small_k_wide_operands(kernel.asm["ttgir"])
                     }
                     suspects += bool(found)
                     tag = (
-                        f"{name} D={head_dim} planar_tiers={planar_tiers} {str(dtype).removeprefix('torch.')}"
+                        f"{name} D={head_dim} planar_tiers={planar_tiers} "
+                        f"{str(dtype).removeprefix('torch.')} Lq={query_len}"
                     )
                     print(
                         f"{'SUSPECT' if found else 'ok':>7}  {tag}  {sorted(found) if found else ''}",
