@@ -345,8 +345,8 @@ def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr, MP: tl.cons
     A 16-row tile is read as int16 words (word w: tokens 8w .. 8w + 7, token 8w + k at bits 2k): read
     as bytes, it compiled wrong for an H200 (Triton 3.6: relative error 0.24 at MixKVQ's default tiers,
     4 / 16 / 108 channels; right in the interpreter). Triton 3.6 gives a product's operand that comes
-    from bytes ``kWidth = 8`` even when K is 16, which triton-lang/triton#11691 (2026-09-10) fixes as
-    "incorrect results for small-K dots with upcast operands"; from words it gets 4. Triton 3.9 gives the
+    from bytes ``kWidth = 8`` even when K is 16, the case triton-lang/triton#11691 (2026-09-10) fixes
+    as "incorrect results for small-K dots with upcast operands"; from words it gets 4. Triton 3.9 gives the
     byte tile 4 as well (``bench/kwidth_audit.py`` lists such operands in every decode kernel). With
     words the kernel is right on the H200 (``tests/test_kernels.py``'s mixed-tier decode tests) and 10%
     faster than with the 32-row byte tile used before (0.168 against 0.187 ms at 8 x 32k). Tiles of 32
