@@ -224,6 +224,12 @@ class StoreLayout:
         groups that ``planar_attention.planar_split_kernel`` reads."""
         return self.planar or self.planar_mixed
 
+    @property
+    def planar_key_tier(self) -> int | None:
+        """The key tier whose ``codes`` and ``qparams`` are the planar words of a ``planar_words`` store:
+        the only tier of a ``planar`` one, the 2-bit tier (2) of a ``planar_mixed`` one; else None."""
+        return 2 if self.planar_mixed else self.key_tier if self.planar else None
+
     def _planar_shapes(self) -> bool:
         fields_k, fields_v = self.head_dim // 8, self.value_dim // 8
         return (
@@ -722,14 +728,6 @@ class KVStore:
         self.keys["tier2_codes"][:, :, groups] = reference.pack_planar(natural.transpose(-1, -2))
         self.keys["tier2_qparams"][:, :, groups] = torch.stack([scale, zero], dim=3)
 
-    def _dequantize_planar_mixed_keys(self, count: int, rows: slice) -> torch.Tensor:
-        """float32 keys ``[B, H, count, G, D]`` of a ``planar_mixed`` store's first ``count`` groups."""
-        codes = reference.unpack_planar(self.keys["tier2_codes"][rows, :, :count])  # [B, H, n, G, D]
-        qparams = self.keys["tier2_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
-        k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])
-        index, keys = self.planar_mixed_selected(count, rows, codes)
-        return k.scatter_(4, index, keys)
-
     def planar_mixed_selected(
         self, count: int, rows: slice, codes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -847,14 +845,14 @@ class KVStore:
         """float32 keys ``[B, H, count * G, D]`` of the first ``count`` packed groups (batch ``rows``;
         in a sliding store, group slots ``0..count-1``)."""
         lay = self.layout
-        if lay.planar_mixed:
-            k = self._dequantize_planar_mixed_keys(count, rows)
-            return k.reshape(k.shape[0], k.shape[1], -1, lay.head_dim)
-        if lay.planar:
-            tier = lay.key_tier
+        if lay.planar_words:
+            tier = lay.planar_key_tier
             codes = reference.unpack_planar(self.keys[f"tier{tier}_codes"][rows, :, :count])  # [B,H,n,G,D]
             qparams = self.keys[f"tier{tier}_qparams"][rows, :, :count].unsqueeze(3)  # [B, H, n, 1, 2, D]
             k = reference.dequantize(codes, qparams[..., 0, :], qparams[..., 1, :])
+            if lay.planar_mixed:  # the 16-bit and 4-bit channels, which the words do not hold whole
+                index, keys = self.planar_mixed_selected(count, rows, codes)
+                k.scatter_(4, index, keys)
             return k.reshape(k.shape[0], k.shape[1], -1, lay.head_dim)
         parts = []
         for tier, (channels, bits) in enumerate(zip(lay.key_channels, lay.key_bits)):

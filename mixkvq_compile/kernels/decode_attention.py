@@ -850,7 +850,7 @@ def decode_attention(
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
     if num_splits and lay.planar_words:
-        codes, qparams = tiers[2 if lay.planar_mixed else lay.key_tier][:2]
+        codes, qparams = tiers[lay.planar_key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
         planar_split_kernel[(bh, num_splits, q_blocks)](
             query,

@@ -245,7 +245,7 @@ def dequantize_groups(
     grid = (batch * lay.heads, count)
     shared = dict(H=lay.heads, NG=lay.num_groups, D=lay.head_dim, DV=lay.value_dim, G=lay.group_size)
     if lay.planar_words:
-        tier = 2 if lay.planar_mixed else lay.key_tier
+        tier = lay.planar_key_tier
         _dequantize_planar_kernel[grid](
             store.keys[f"tier{tier}_codes"],
             store.keys[f"tier{tier}_qparams"],
