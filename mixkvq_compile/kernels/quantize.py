@@ -334,13 +334,13 @@ def _store_groups_kernel(
         ord_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh + n.to(tl.int64) * son
         dd = tl.arange(0, D)
         position = dd
+        if RANK:
+            position = _rank_channels(
+                k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
+            )
         if PLANAR_MIXED:
             SEL: tl.constexpr = C0 + C1
-            if RANK:
-                position = _rank_channels(
-                    k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
-                )
-            else:  # the position of each channel in the given order
+            if not RANK:  # the position of each channel in the given order
                 o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod).to(tl.int32)
                 position = tl.sum(tl.where(o[None, :] == dd[:, None], dd[None, :], 0), axis=1)
             sel = order_out_ptr + bh64 * (NG * SEL) + grp * SEL + position
@@ -366,77 +366,75 @@ def _store_groups_kernel(
                 C0,
                 C1,
             )
-        elif RANK:
-            position = _rank_channels(
-                k_ptr, k_base, skl, skd, tok, qsum_ptr, qcount_ptr, bh, kv_ptr, D, C0, C1, SALIENCE
-            )
-            tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + position, dd.to(tl.uint8))
-        elif MIXED:
-            o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
-            tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
-        if C0 > 0 and not PLANAR_MIXED:
-            idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
-            _store_key_tier(
-                k_ptr,
-                k_base,
-                skl,
-                skd,
-                tok,
-                idx,
-                k0_ptr,
-                kq0_ptr,
-                bh64,
-                grp,
-                kv_ptr,
-                C0,
-                CP0,
-                B0,
-                G,
-                NG,
-                PLANAR,
-            )
-        if C1 > 0 and not PLANAR_MIXED:
-            idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
-            _store_key_tier(
-                k_ptr,
-                k_base,
-                skl,
-                skd,
-                tok,
-                idx,
-                k1_ptr,
-                kq1_ptr,
-                bh64,
-                grp,
-                kv_ptr,
-                C1,
-                CP1,
-                B1,
-                G,
-                NG,
-                PLANAR,
-            )
-        if C2 > 0 and not PLANAR_MIXED:
-            idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
-            _store_key_tier(
-                k_ptr,
-                k_base,
-                skl,
-                skd,
-                tok,
-                idx,
-                k2_ptr,
-                kq2_ptr,
-                bh64,
-                grp,
-                kv_ptr,
-                C2,
-                CP2,
-                B2,
-                G,
-                NG,
-                PLANAR,
-            )
+        else:
+            if RANK:
+                tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + position, dd.to(tl.uint8))
+            elif MIXED:
+                o = tl.load(ord_ptr + ord_base + dd.to(tl.int64) * sod)
+                tl.store(order_out_ptr + bh64 * (NG * D) + grp * D + dd, o.to(tl.uint8))
+            if C0 > 0:
+                idx = _tier_index(ord_ptr, ord_base, sod, position, 0, C0, CP0, D, MIXED, RANK)
+                _store_key_tier(
+                    k_ptr,
+                    k_base,
+                    skl,
+                    skd,
+                    tok,
+                    idx,
+                    k0_ptr,
+                    kq0_ptr,
+                    bh64,
+                    grp,
+                    kv_ptr,
+                    C0,
+                    CP0,
+                    B0,
+                    G,
+                    NG,
+                    PLANAR,
+                )
+            if C1 > 0:
+                idx = _tier_index(ord_ptr, ord_base, sod, position, C0, C1, CP1, D, MIXED, RANK)
+                _store_key_tier(
+                    k_ptr,
+                    k_base,
+                    skl,
+                    skd,
+                    tok,
+                    idx,
+                    k1_ptr,
+                    kq1_ptr,
+                    bh64,
+                    grp,
+                    kv_ptr,
+                    C1,
+                    CP1,
+                    B1,
+                    G,
+                    NG,
+                    PLANAR,
+                )
+            if C2 > 0:
+                idx = _tier_index(ord_ptr, ord_base, sod, position, C0 + C1, C2, CP2, D, MIXED, RANK)
+                _store_key_tier(
+                    k_ptr,
+                    k_base,
+                    skl,
+                    skd,
+                    tok,
+                    idx,
+                    k2_ptr,
+                    kq2_ptr,
+                    bh64,
+                    grp,
+                    kv_ptr,
+                    C2,
+                    CP2,
+                    B2,
+                    G,
+                    NG,
+                    PLANAR,
+                )
         v_base = b.to(tl.int64) * svb + h.to(tl.int64) * svh
         if VB == 16:
             c = tl.arange(0, DV)
