@@ -740,10 +740,16 @@ def test_append_gpu_prompt_bit_exact(planar_tiers):
     _packed_groups_equal(a, b, groups)
 
 
-@pytest.mark.parametrize(
-    ("fractions", "dtype"),
-    [((1 / 32, 1 / 8), torch.float16), ((0.1, 0.2), torch.bfloat16), ((0.0, 0.25), torch.float16)],
-)
+# (16-bit, 4-bit) channel fractions of the mixed-tier cases: MixKVQ's default tiers (16 4-bit channels,
+# a 16-row low-bit tile), the benchmark's mix, and no 16-bit tier.
+PLANAR_MIXED_CASES = [
+    ((1 / 32, 1 / 8), torch.float16),
+    ((0.1, 0.2), torch.bfloat16),
+    ((0.0, 0.25), torch.float16),
+]
+
+
+@pytest.mark.parametrize(("fractions", "dtype"), PLANAR_MIXED_CASES)
 def test_planar_mixed_decode_matches_reference(fractions, dtype):
     """The planar kernel over mixed key tiers (planar words plus the 16-bit channels and the 4-bit codes'
     low bits, gathered query) against the float32 reference on the store's dequantized keys; a
@@ -791,10 +797,7 @@ def test_planar_mixed_decode_at_llama_heads(fractions):
     assert _rel(out, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize(
-    ("fractions", "dtype"),
-    [((1 / 32, 1 / 8), torch.float16), ((0.1, 0.2), torch.bfloat16), ((0.0, 0.25), torch.float16)],
-)
+@pytest.mark.parametrize(("fractions", "dtype"), PLANAR_MIXED_CASES)
 def test_planar_mixed_append_bit_exact(fractions, dtype):
     """The quantize kernel writes a planar mixed-tier store byte for byte like ``KVStore.append``
     (channels ranked by query salience in the kernel; bulk, mixed and one-token writes across flushes),
