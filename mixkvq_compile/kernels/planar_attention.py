@@ -44,6 +44,17 @@ Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE =
 that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
 float16 rounding of ``q * s``, ``p`` and ``p * vs`` (relative error about 1e-3, checked against a
 float32 reference in the tests).
+
+Each step's value products are summed from zero on the tensor cores and added to the running sums in
+float32 multiply-adds (``_rescale_add``). With the running sums as the products' accumulator, as
+Triton folds ``a + dot(x, y)``, the error grew with the length of a program's walk (H200, 8 x 32k,
+stores of quantized random values, 13 / 26 / 89 tiers: 2.1e-3 at the default splits, 1.4e-2 with
+two, 2.4e-2 with one; 0.11 at 1 x 128k with one): the field sums ``acc_f`` and ``p @ VZ^T`` are each
+about the size of the values, while their sum, the output, can be a hundred times smaller (wide
+attention over zero-mean values), so a rounding bias in the running sums shows a hundredfold. Summed
+in float32 the error stays 7.5e-4 to 9.4e-4 at any split count; the cost is 6% of the step (kivi2,
+the default tiers) to 11% (13 / 26 / 89), in register copies that zero each step's sums and the
+multiply-adds (``bench/decode_ab.py``, session 12 in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -288,10 +299,22 @@ def _masked(s, pos, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND: tl.constex
 
 
 @triton.jit
-def _rescale(alpha, a0, a1, a2, a3, a4, a5, a6, a7, za):
-    """The accumulators times the online-softmax correction ``alpha [BLOCK_M]``."""
+def _rescale_add(alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, b5, b6, b7, zb):
+    """``a * alpha + b`` for the 9 accumulators: one step's products ``b`` join the running sums ``a``
+    in float32 multiply-adds, not as the accumulator of the tensor-core products (where Triton would put
+    ``a + dot(x, y)``, the running sum then taking every product of the walk inside the tensor cores)."""
     c = alpha[:, None]
-    return a0 * c, a1 * c, a2 * c, a3 * c, a4 * c, a5 * c, a6 * c, a7 * c, za * c
+    return (
+        a0 * c + b0,
+        a1 * c + b1,
+        a2 * c + b2,
+        a3 * c + b3,
+        a4 * c + b4,
+        a5 * c + b5,
+        a6 * c + b6,
+        a7 * c + b7,
+        za * c + zb,
+    )
 
 
 @triton.jit
@@ -471,12 +494,32 @@ def _packed_groups(
         p_b = tl.exp2(s_b - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
         m_i = m_new
-        a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale(alpha, a0, a1, a2, a3, a4, a5, a6, a7, za)
-        a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
-            p_a, vc_ptr, vs_a, vz_a, gi, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
+        zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
+        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
+            p_a,
+            vc_ptr,
+            vs_a,
+            vz_a,
+            gi,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            tl.zeros([BLOCK_M, 16], tl.float32),
+            DV,
+            G,
+            VGS,
+            INTERP,
         )
-        a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
-            p_b, vc_ptr, vs_b, vz_b, gi + 1, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
+        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
+            p_b, vc_ptr, vs_b, vz_b, gi + 1, b0, b1, b2, b3, b4, b5, b6, b7, zb, DV, G, VGS, INTERP
+        )
+        a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale_add(
+            alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, b5, b6, b7, zb
         )
     if g1 > g0 and (g1 - g0) % 2 == 1:  # a last, unpaired group (an odd count in the last split)
         grp = g1 - 1
@@ -490,9 +533,29 @@ def _packed_groups(
         p_a = tl.exp2(s_a - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p_a, 1)
         m_i = m_new
-        a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale(alpha, a0, a1, a2, a3, a4, a5, a6, a7, za)
-        a0, a1, a2, a3, a4, a5, a6, a7, za = _group_values(
-            p_a, vc_ptr, vs_a, vz_a, gi, a0, a1, a2, a3, a4, a5, a6, a7, za, DV, G, VGS, INTERP
+        zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
+        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
+            p_a,
+            vc_ptr,
+            vs_a,
+            vz_a,
+            gi,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            zero,
+            tl.zeros([BLOCK_M, 16], tl.float32),
+            DV,
+            G,
+            VGS,
+            INTERP,
+        )
+        a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale_add(
+            alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, b5, b6, b7, zb
         )
     return m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za
 
