@@ -147,8 +147,8 @@ def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal
     """One decode token on the CUDA kernels with no host read (capturable in a CUDA graph).
 
     The position stays on the device: the fused attention reads the store length from it, the append
-    writes the token and flushes the group it completes in predicated launches, and a write at
-    position 0 (a new sequence) clears the query statistics by a multiply. Positions past the
+    writes the token (and adds the query to the channel statistics, restarted at position 0, a new
+    sequence) and flushes the group it completes in predicated launches. Positions past the
     capacity stop the program with a device-side assert (as an out-of-range ``index_copy_`` does).
     """
     from .kernels.decode_attention import decode_attention
@@ -158,15 +158,12 @@ def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal
         raise ValueError(f"mixkvq: a decode step needs one cache position, got {tuple(positions.shape)}")
     position = positions.to(torch.int64)
     torch._assert_async(position[0] < store.layout.capacity, "mixkvq: cache position past max_cache_len")
-    if store.layout.salience:
-        keep = (position != 0).to(torch.float32)
-        store.keys["query_abs_sum"].mul_(keep)
-        store.keys["query_count"].mul_(keep)
     out = decode_attention(
         query, store, position, attn_mask, scale, new_key=key, new_value=value, causal=is_causal
     )
-    store.accumulate_queries(query)
-    append_token(store, key, value, position)
+    # The query statistics (restarted at position 0) are updated in the append's first launch, before
+    # its flush ranks the channels: as ``accumulate_queries`` after ``mul_(position != 0)`` would.
+    append_token(store, key, value, position, query=query if store.layout.salience else None)
     return out
 
 

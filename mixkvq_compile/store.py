@@ -585,7 +585,11 @@ class KVStore:
             return
         b, hq, lq, d = query.shape
         grouped = query.detach().float().abs().reshape(b, self.layout.heads, hq // self.layout.heads, lq, d)
-        self.keys["query_abs_sum"].add_(grouped.sum(dim=(2, 3)))
+        per_head = grouped.sum(dim=3)  # [B, H, Hq / H, D]
+        total = per_head[:, :, 0]
+        for r in range(1, per_head.shape[2]):  # in order: the decode kernel sums the same way, bit for bit
+            total = total + per_head[:, :, r]
+        self.keys["query_abs_sum"].add_(total)
         self.keys["query_count"].add_(float(grouped.shape[2] * lq))
 
     def append(

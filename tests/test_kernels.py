@@ -294,6 +294,26 @@ PER_GROUP_KEYS = (
 )
 
 
+def test_write_tokens_query_statistics_rejects_bad_input():
+    """The decode step's query goes into the statistics only with a device position, a query-aware
+    store and matching shapes; anything else is a clear error, not a silent skip."""
+    mix = StoreLayout.create(MIX, 2, 2, 64, 64, 64, torch.float16)
+    kivi = StoreLayout.create(PRESETS["kivi2"], 2, 2, 64, 64, 64, torch.float16)
+    assert mix.salience and not kivi.salience
+    k = torch.randn(2, 2, 1, 64, device=DEVICE).half()
+    q = torch.randn(2, 4, 1, 64, device=DEVICE).half()
+    position = torch.tensor([5], device=DEVICE)
+    mix_store = KVStore.open(mix, *allocate(mix, DEVICE))
+    with pytest.raises(ValueError, match="needs a tensor start"):
+        qkern.write_tokens(mix_store, k, k, 5, query=q)
+    with pytest.raises(ValueError, match="query-aware store"):
+        qkern.write_tokens(KVStore.open(kivi, *allocate(kivi, DEVICE)), k, k, position, query=q)
+    with pytest.raises(ValueError, match="3 query heads over 2"):
+        qkern.write_tokens(mix_store, k, k, position, query=q[:, :3])
+    with pytest.raises(ValueError, match="does not match the store"):
+        qkern.write_tokens(mix_store, k, k, position, query=q[..., :32])
+
+
 def _packed_groups_equal(a: KVStore, b: KVStore, count: int) -> None:
     """The first ``count`` packed groups of two mixed-tier stores (default or planar layout) are
     identical, byte for byte: every per-group key tensor the layout has, and the value codes and

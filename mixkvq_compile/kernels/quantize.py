@@ -585,6 +585,37 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
     )
 
 
+@triton.jit
+def _accumulate_query(
+    q_ptr,
+    sqb,
+    sqh,
+    sqd,
+    qsum_ptr,
+    qcount_ptr,
+    bh,
+    start,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    N_REP: tl.constexpr,
+):
+    """``KVStore.accumulate_queries`` of one query token ``[B, H * N_REP, 1, D]`` for KV head ``bh``, after
+    the reset of a new sequence (``start == 0``), bit for bit: ``|q|`` in float32 summed over the query
+    heads in order, then added to the running sum; the count grows by ``N_REP``."""
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D)
+    row = q_ptr + b.to(tl.int64) * sqb + (h * N_REP).to(tl.int64) * sqh + d * sqd
+    acc = tl.abs(tl.load(row).to(tl.float32))
+    for r in tl.static_range(1, N_REP):
+        acc = acc + tl.abs(tl.load(row + r * sqh).to(tl.float32))
+    keep = (start != 0).to(tl.float32)
+    total = tl.load(qsum_ptr + bh * D + d)
+    tl.store(qsum_ptr + bh * D + d, total * keep + acc)
+    count = tl.load(qcount_ptr + bh)
+    tl.store(qcount_ptr + bh, count * keep + N_REP)
+
+
 @triton.jit(do_not_specialize=["start", "ring_from", "new_length", "new_packed"])
 def _write_tokens_kernel(
     k_ptr,
@@ -604,6 +635,12 @@ def _write_tokens_kernel(
     khdr_ptr,
     vhdr_ptr,
     pos_ptr,
+    q_ptr,
+    sqb,
+    sqh,
+    sqd,
+    qsum_ptr,
+    qcount_ptr,
     start,
     ring_from,
     new_length,
@@ -621,6 +658,7 @@ def _write_tokens_kernel(
     LQ: tl.constexpr,
     SET_LENGTH: tl.constexpr,
     START_FROM_PTR: tl.constexpr,
+    N_REP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     tb = tl.program_id(1)
@@ -628,6 +666,8 @@ def _write_tokens_kernel(
         start = tl.load(pos_ptr).to(tl.int32)
         ring_from = start
         new_length = start + LQ
+    if N_REP > 0:  # the decode step's query into the channel statistics (``KVStore.accumulate_queries``)
+        _accumulate_query(q_ptr, sqb, sqh, sqd, qsum_ptr, qcount_ptr, bh, start, H, D, N_REP)
     if SET_LENGTH:  # the headers' token and packed-group counts (fields 2 and 4), CUDA-graph friendly
         first = (bh == 0) & (tb == 0)
         if START_FROM_PTR:
@@ -684,6 +724,7 @@ def write_tokens(
     ring_from: int | None = None,
     set_length: int | None = None,
     set_packed: int | None = None,
+    query: torch.Tensor | None = None,
 ) -> None:
     """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..`` in full precision.
 
@@ -694,7 +735,10 @@ def write_tokens(
     ``start`` may be a one-element integer tensor on the device (a decode step under a CUDA graph):
     then ``ring_from = start``, the headers get ``start + Lq`` tokens and the packed groups after it
     (at most one more group, whose index goes to header field 5 for ``append_token``'s flush; so
-    ``Lq`` must be 1); ``ring_from``/``set_length``/``set_packed`` must be None.
+    ``Lq`` must be 1); ``ring_from``/``set_length``/``set_packed`` must be None. With a tensor
+    ``start``, ``query`` ``[B, Hq, 1, D]`` (the step's query) is also added to the channel statistics of
+    a query-aware store, as ``KVStore.accumulate_queries`` does after restarting them at position 0: no
+    launch of its own.
     """
     from_ptr = isinstance(start, torch.Tensor)
     if from_ptr and (
@@ -708,6 +752,19 @@ def write_tokens(
     if set_packed is not None and set_length is None:
         raise ValueError("write_tokens: set_packed needs set_length")
     lay = store.layout
+    if query is not None:
+        if not from_ptr or not lay.salience:
+            raise ValueError("write_tokens: a query needs a tensor start and a query-aware store")
+        if (
+            query.dim() != 4
+            or query.shape[0] != lay.batch
+            or query.shape[2] != 1
+            or query.shape[3] != lay.head_dim
+        ):
+            raise ValueError(f"write_tokens: query {tuple(query.shape)} does not match the store")
+        if query.shape[1] % lay.heads:
+            raise ValueError(f"write_tokens: {query.shape[1]} query heads over {lay.heads} KV heads")
+        _check_device(store, query)
     _check_device(store, key, value)
     lq = key.shape[2]
     if tuple(key.shape) != (lay.batch, lay.heads, lq, lay.head_dim) or tuple(value.shape) != (
@@ -738,6 +795,12 @@ def write_tokens(
         store.keys["header"],
         store.values["header"],
         start if from_ptr else store.keys["header"],
+        query if query is not None else key,
+        query.stride(0) if query is not None else 0,
+        query.stride(1) if query is not None else 0,
+        query.stride(3) if query is not None else 0,
+        store.keys["query_abs_sum"] if query is not None else key,
+        store.keys["query_count"] if query is not None else key,
         0 if from_ptr else int(start),
         0 if from_ptr else int(start if ring_from is None else ring_from),
         int(set_length or 0),
@@ -755,6 +818,7 @@ def write_tokens(
         LQ=lq,
         SET_LENGTH=from_ptr or set_length is not None,
         START_FROM_PTR=from_ptr,
+        N_REP=0 if query is None else query.shape[1] // lay.heads,
         num_warps=4,
     )
 
@@ -811,7 +875,13 @@ def append(
         write_tokens(store, key, value, start, ring_from=remain_start, set_length=end, set_packed=new_groups)
 
 
-def append_token(store: KVStore, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
+def append_token(
+    store: KVStore,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position: torch.Tensor,
+    query: torch.Tensor | None = None,
+) -> None:
     """Append one decode token at the position held in ``position`` (one integer element on the
     device) without any host read: the write into the ring (which also decides whether a group leaves
     the full-precision window, ``StoreLayout.groups_after``) and a predicated flush of that group
@@ -822,13 +892,15 @@ def append_token(store: KVStore, key: torch.Tensor, value: torch.Tensor, positio
         position: its cache position; the store must hold exactly ``position`` tokens (an append) or
             more, within the full-precision window (a rewind). Not checked on the host: the caller
             guarantees it (``mixkvq::kv_attention`` asserts ``position < capacity`` on the device).
+        query: ``[B, Hq, 1, D]``, for a query-aware store: added to the channel statistics (restarted at
+            position 0) in the write's launch, before the flush ranks the channels (``write_tokens``).
 
     Leaves the store equal, bit for bit, to ``KVStore.append(key, value, position)``.
     """
     lay = store.layout
     if key.dim() != 4 or key.shape[2] != 1:
         raise ValueError(f"append_token: expected one token [B, H, 1, D], got {tuple(key.shape)}")
-    write_tokens(store, key, value, position)
+    write_tokens(store, key, value, position, query=query)
     if lay.num_groups:
         ring_k, ring_v = store.keys["ring"], store.values["ring"]
         _launch_store_groups(store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), predicated=True)
