@@ -24,8 +24,8 @@ mask ``[B, 1, Lq, context]`` that transformers builds. Per chunk length, in one 
 - ``read``: ``store.read`` alone in PyTorch (dequantization of the prefix); ``read-triton``: the same
   with the Triton dequantization (``kernels.dequantize.dequantize_groups``), as ``mixkvq`` runs it.
 
-The store holds random codes and scales (the kernels read the same bytes). Results go to stdout and,
-when ``$OUT`` is set, to ``$OUT/prefill_chunk.json``.
+The store holds quantized random keys and values (``bench/kernels.py``'s ``random_store``). Results go
+to stdout and, when ``$OUT`` is set, to ``$OUT/prefill_chunk.json``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \\
         python3 bench/profile_planar.py
 
-Runs ``decode_attention`` three times on a store filled with random codes (bench/kernels.py's
+Runs ``decode_attention`` three times on a store of quantized random keys and values (bench/kernels.py's
 ``random_store``), so the profiled launch is compiled and warm.
 """
 
