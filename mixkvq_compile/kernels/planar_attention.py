@@ -265,6 +265,28 @@ def _group_values(
 
 
 @triton.jit
+def _group_values_from_zero(
+    p,
+    vc_ptr,
+    vscale,
+    vzt,
+    gi,
+    BLOCK_M: tl.constexpr,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    VGS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """``_group_values`` of group ``gi`` into sums that start at zero: a step's products, which
+    ``_rescale_add`` then adds to the walk's running sums in float32."""
+    zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
+    za = tl.zeros([BLOCK_M, 16], tl.float32)
+    return _group_values(
+        p, vc_ptr, vscale, vzt, gi, zero, zero, zero, zero, zero, zero, zero, zero, za, DV, G, VGS, INTERP
+    )
+
+
+@triton.jit
 def _group_qparams(
     kqp_ptr, vqp_ptr, gi, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, VGS: tl.constexpr
 ):
@@ -494,26 +516,8 @@ def _packed_groups(
         p_b = tl.exp2(s_b - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
         m_i = m_new
-        zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
-            p_a,
-            vc_ptr,
-            vs_a,
-            vz_a,
-            gi,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            tl.zeros([BLOCK_M, 16], tl.float32),
-            DV,
-            G,
-            VGS,
-            INTERP,
+        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values_from_zero(
+            p_a, vc_ptr, vs_a, vz_a, gi, BLOCK_M, DV, G, VGS, INTERP
         )
         b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
             p_b, vc_ptr, vs_b, vz_b, gi + 1, b0, b1, b2, b3, b4, b5, b6, b7, zb, DV, G, VGS, INTERP
@@ -533,26 +537,8 @@ def _packed_groups(
         p_a = tl.exp2(s_a - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p_a, 1)
         m_i = m_new
-        zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
-            p_a,
-            vc_ptr,
-            vs_a,
-            vz_a,
-            gi,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            zero,
-            tl.zeros([BLOCK_M, 16], tl.float32),
-            DV,
-            G,
-            VGS,
-            INTERP,
+        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values_from_zero(
+            p_a, vc_ptr, vs_a, vz_a, gi, BLOCK_M, DV, G, VGS, INTERP
         )
         a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale_add(
             alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, b5, b6, b7, zb
