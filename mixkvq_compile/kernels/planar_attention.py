@@ -53,8 +53,8 @@ two, 2.4e-2 with one; 0.11 at 1 x 128k with one): the field sums ``acc_f`` and `
 about the size of the values, while their sum, the output, can be a hundred times smaller (wide
 attention over zero-mean values), so a rounding bias in the running sums shows a hundredfold. Summed
 in float32 the error stays 7.5e-4 to 9.4e-4 at any split count; the cost is 6% of the step (kivi2,
-the default tiers) to 11% (13 / 26 / 89), in register copies that zero each step's sums and the
-multiply-adds (``bench/decode_ab.py``, session 12 in ``docs/performance.md``).
+the default tiers) to 11% (13 / 26 / 89), in the multiply-adds and in register copies (the step's
+sums live beside the running ones) (``bench/decode_ab.py``, session 12 in ``docs/performance.md``).
 """
 
 from __future__ import annotations
