@@ -29,43 +29,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from sass import TargetOnlyDriver  # noqa: E402
-from triton.runtime import jit as triton_jit  # noqa: E402
+from sass import TargetOnlyDriver, compiled_decode_kernels  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-import mixkvq_compile.kernels.decode_attention as decode  # noqa: E402
 from mixkvq_compile.config import PRESETS  # noqa: E402
-from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
+from mixkvq_compile.store import StoreLayout  # noqa: E402
 
 # A dot operand in the Triton GPU IR: tensor<RxCxT, #ttg.dot_op<{opIdx = i, parent = #mma.., kWidth = w}>>
 OPERAND = re.compile(
     r"tensor<(\d+)x(\d+)x(\w+), #ttg\.dot_op<\{opIdx = (\d), parent = #mma\d*, kWidth = (\d+)\}>>"
 )
-
-
-def compiled_decode_kernels(layout: StoreLayout, dtype: torch.dtype, query_len: int) -> list:
-    """``(name, compiled kernel)`` of every launch of one decode call on a store of ``layout``, for
-    ``query_len`` query tokens (1: a decode step; more: a causal query chunk)."""
-    kernels = []
-    run = triton_jit.JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        kernels.append((self.fn.__name__, kernel))
-        return kernel
-
-    store = KVStore.open(layout, *allocate(layout, "cpu"))
-    query = torch.zeros(1, 32, query_len, layout.head_dim, dtype=dtype)
-    triton_jit.JITFunction.run = compile_only
-    decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
-    try:  # CPU tensors stand in for CUDA ones: nothing is launched
-        decode.decode_attention(
-            query, store, 1000, num_splits=4, packed=layout.flushed_groups(1000), causal=query_len > 1
-        )
-    finally:
-        triton_jit.JITFunction.run = run
-        decode.check_kernel_device = check
-    return kernels
 
 
 def small_k_wide_operands(ttgir: str) -> set[tuple[str, int, int]]:
@@ -96,7 +69,9 @@ def main() -> None:
                     layout = dataclasses.replace(layout, planar_tiers=planar_tiers)
                     found = {
                         (kernel_name, *operand)
-                        for kernel_name, kernel in compiled_decode_kernels(layout, dtype, query_len)
+                        for kernel_name, _, kernel in compiled_decode_kernels(
+                            layout, dtype, query_len, causal=query_len > 1
+                        )
                         for operand in small_k_wide_operands(kernel.asm["ttgir"])
                     }
                     suspects += bool(found)

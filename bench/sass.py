@@ -67,33 +67,47 @@ class TargetOnlyDriver:
         return True
 
 
-def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
-    """The compiled packed-group kernel of a decode step, as ``decode_attention`` launches it (the
-    planar kernel for planar stores, such as kivi2 here)."""
-    compiled = {}
+def compiled_decode_kernels(
+    layout: StoreLayout,
+    dtype: torch.dtype,
+    query_len: int = 1,
+    causal: bool = True,
+    num_warps: int | None = None,
+) -> list[tuple[str, dict, object]]:
+    """``(kernel name, launch keywords, compiled kernel)`` of every launch of one ``decode_attention``
+    call over 1000 tokens of a store of ``layout``, 32 query heads of ``query_len`` tokens, compiled for
+    the active driver's target and not launched (CPU tensors stand in for CUDA ones)."""
+    kernels = []
     run = triton_jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        packed_loop = self.fn.__name__ == "planar_split_kernel" or (
-            self.fn.__name__ == "_attn_split_kernel" and not kwargs.get("FP_PART")
-        )
-        if packed_loop:
-            compiled["kernel"] = kernel
+        kernels.append((self.fn.__name__, kwargs, kernel))
         return kernel
 
-    layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
     store = KVStore.open(layout, *allocate(layout, "cpu"))
-    query = torch.zeros(1, 32, 1, 128, dtype=dtype)
+    query = torch.zeros(1, 32, query_len, layout.head_dim, dtype=dtype)
     triton_jit.JITFunction.run = compile_only
     decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
-    try:  # CPU tensors stand in for CUDA ones: nothing is launched
+    try:
         packed = layout.flushed_groups(1000)
-        decode.decode_attention(query, store, 1000, num_splits=4, num_warps=warps, packed=packed)
+        decode.decode_attention(
+            query, store, 1000, num_splits=4, num_warps=num_warps, packed=packed, causal=causal
+        )
     finally:
         triton_jit.JITFunction.run = run
         decode.check_kernel_device = check
-    return compiled["kernel"]
+    return kernels
+
+
+def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
+    """The compiled packed-group kernel of a decode step, as ``decode_attention`` launches it (the
+    planar kernel for planar stores, such as kivi2 here)."""
+    layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
+    for name, kwargs, kernel in compiled_decode_kernels(layout, dtype, num_warps=warps):
+        if name == "planar_split_kernel" or (name == "_attn_split_kernel" and not kwargs.get("FP_PART")):
+            return kernel
+    raise RuntimeError(f"no packed-group kernel among the launches for {config}")
 
 
 def disassemble(kernel) -> str:
