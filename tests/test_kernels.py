@@ -26,7 +26,11 @@ triton = pytest.importorskip("triton")
 
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
 from mixkvq_compile.kernels._runtime import tl, unpack_codes  # noqa: E402
-from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
+from mixkvq_compile.kernels.decode_attention import (  # noqa: E402
+    combine_partials,
+    decode_attention,
+    split_count,
+)
 from mixkvq_compile.kernels.dequantize import dequantize_groups  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -740,6 +744,37 @@ def test_decode_gpu_gqa_large(name):
     query = torch.randn(2, 32, 16, 128, dtype=torch.float16, device=DEVICE)
     out, ref = _run(query, store, 4000)
     assert _rel(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(("parts", "dv", "n_rep", "lq"), [(300, 64, 4, 1), (133, 128, 4, 1), (5, 16, 2, 3)])
+def test_combine_partials_matches_reference(parts, dv, n_rep, lq):
+    """The split partials combined against float64 on the same partials: more than 256 partials (two
+    loads per program), empty partials (max -inf), a row with none, several query tokens."""
+    gen = torch.Generator(device="cpu").manual_seed(parts)
+    batch, heads = 2, 3
+    rows = n_rep * lq
+    acc = torch.randn(batch * heads, parts, rows, dv, generator=gen)
+    ml = torch.stack(
+        (
+            torch.randn(batch * heads, parts, rows, generator=gen) * 4,
+            torch.rand(batch * heads, parts, rows, generator=gen) + 0.5,
+        ),
+        dim=-1,
+    )
+    ml[:, ::3, :, 0] = float("-inf")  # empty partials
+    ml[1, :, 0, 0] = float("-inf")  # a row with no keys at all
+    out = torch.full((batch, heads * n_rep, lq, dv), float("nan"), device=DEVICE)
+    combine_partials(acc.to(DEVICE), ml.to(DEVICE), out, heads, n_rep)
+    m = ml[..., 0].double()
+    m_max = m.amax(dim=1, keepdim=True)
+    w = torch.exp2(m - torch.where(torch.isinf(m_max), 0.0, m_max))
+    total = (w * ml[..., 1].double()).sum(dim=1)
+    ref = (w[..., None] * acc.double()).sum(dim=1) / torch.where(total > 0, total, 1.0)[..., None]
+    ref = torch.where(total[..., None] > 0, ref, 0.0)  # [B * H, rows, dv]
+    ref = ref.reshape(batch, heads, n_rep, lq, dv).reshape(batch, heads * n_rep, lq, dv)
+    assert torch.isfinite(out).all()
+    assert (out[0, n_rep, 0] == 0).all()  # the row with no keys: KV head 1 of batch 0, row 0
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @gpu_only
