@@ -70,6 +70,30 @@ def test_decode_under_cuda_graphs_equals_launches(preset):
     assert torch.equal(logits, ref_logits)
 
 
+@pytest.mark.parametrize("preset", ["kivi2", "mixkvq"])
+def test_overlapped_launches_equal_sequential_ones(preset, monkeypatch):
+    """On compute capability 9.0+ with ``MIXKVQ_PDL=1`` a decode step's attention overlaps its launches
+    (programmatic dependent launch: the packed groups with the full-precision tokens, the combine with
+    the packed groups). Tokens and logits under CUDA graphs equal, bit for bit, those with
+    ``MIXKVQ_PDL=0``."""
+    from torch._inductor import cudagraph_trees
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MIXKVQ_PDL", flag)
+        torch._dynamo.reset()
+        cudagraph_trees.reset_cudagraph_trees()
+        model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
+        ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
+        model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": preset})
+        results.append(generate(model, ids.cuda(), mask.cuda(), NEW))
+    (tokens, logits), (ref_tokens, ref_logits) = results
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)
+
+
 def test_sliding_window_layer_next_to_a_full_layer():
     """Qwen2 with a 48-token sliding layer and a full layer, bfloat16 on the GPU: the sliding layer
     runs the PyTorch path (its graphs are not captured), the full layer the kernels; both quantized."""

@@ -7,6 +7,7 @@ GQA shapes on a GPU only. Outputs are poisoned with NaN before every launch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -24,6 +25,7 @@ from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from mixkvq_compile.kernels import _runtime  # noqa: E402
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
 from mixkvq_compile.kernels._runtime import tl, unpack_codes  # noqa: E402
 from mixkvq_compile.kernels.decode_attention import (  # noqa: E402
@@ -799,6 +801,66 @@ def test_decode_gpu_long_walk(name):
     for splits in (1, None):
         out, ref = _run(query, store, 32768, num_splits=splits)
         assert _rel(out, ref) < TOL[torch.float16], splits
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [("", {"kivi2": True, "mix": False, "kivi4": False}), ("1", {"kivi2": True, "mix": True, "kivi4": False})]
+    + [("0", {"kivi2": False, "mix": False, "kivi4": False})],
+)
+def test_overlap_launches_policy(flag, expected, monkeypatch):
+    """Which decode calls overlap their launches on a PDL-capable GPU: planar stores of one key tier by
+    default, every planar store with ``MIXKVQ_PDL=1``, none with ``0``; never a non-planar store, a
+    CPU tensor or the interpreter. A bad ``MIXKVQ_PDL`` is an error."""
+    monkeypatch.setattr(_runtime, "_pdl_capable", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MIXKVQ_PDL", flag)
+    cuda = torch.device("cuda", 0)
+    layouts = {
+        name: StoreLayout.create(CONFIGS[name], 2, 8, 4096, 128, 128, torch.float16) for name in expected
+    }
+    assert layouts["kivi2"].planar and layouts["mix"].planar_mixed and not layouts["kivi4"].planar_words
+    assert {name: _runtime.overlap_launches(lay, cuda) for name, lay in layouts.items()} == expected
+    assert not _runtime.overlap_launches(layouts["kivi2"], torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _runtime.overlap_launches(layouts["kivi2"], cuda)
+    monkeypatch.setenv("MIXKVQ_PDL", "yes")
+    with pytest.raises(ValueError, match="MIXKVQ_PDL"):
+        _runtime.overlap_launches(layouts["kivi2"], cuda)
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["kivi2", "mix"])
+def test_decode_gpu_overlapped_launches_equal(name, monkeypatch):
+    """The packed-group launch started while the full-precision launch runs (programmatic dependent
+    launch, compute capability 9.0+) gives the output of the two launched one after the other, bit for
+    bit, also replayed from a CUDA graph; the output is also checked against the float32 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    torch.manual_seed(0)
+    store = _store(CONFIGS[name], batch=2, heads=8, capacity=4096, head_dim=128, tokens=4000, chunks=(3001,))
+    query = torch.randn(2, 32, 1, 128, dtype=torch.float16, device=DEVICE)
+    packed = store.layout.flushed_groups(4000)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MIXKVQ_PDL", flag)
+        out, ref = _run(query, store, 4000)
+        assert _rel(out, ref) < TOL[torch.float16]
+        graph_out = torch.full_like(out, float("nan"))
+        # ``packed`` given: without it the packed-group count is read from the header, a device sync.
+        step = functools.partial(
+            decode_attention, query, store, 4000, None, 0.7 / 128**0.5, out=graph_out, packed=packed
+        )
+        step()  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(graph_out, out)
+        outs[flag] = out
+    assert torch.equal(outs["0"], outs["1"])
 
 
 @gpu_only

@@ -12,13 +12,17 @@ if not torch.cuda.is_available():  # Triton can only interpret on a CPU-only mac
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 __all__ = [
     "check_kernel_device",
+    "gdc_launch_dependents",
+    "gdc_wait",
     "interpreting",
     "layout_constexprs",
     "next_pow2",
     "num_sms",
+    "overlap_launches",
     "packed_groups_before",
     "scores_mask",
     "store_arguments",
@@ -31,6 +35,33 @@ __all__ = [
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def overlap_launches(layout, device: torch.device) -> bool:
+    """Whether ``decode_attention`` over a store of ``layout`` (a ``StoreLayout``) on ``device`` overlaps
+    its launches (programmatic dependent launch: compute capability 9.0 and up, compiled kernels,
+    planar stores only).
+
+    ``MIXKVQ_PDL`` unset: on for planar stores of one key tier (kivi2, KVmix's uniform bits), off for
+    mixed key tiers. On an H200 (2026-11-27, ``bench/decode_ab.py``) the overlap made kivi2 faster at
+    every shape measured (8 x 32k 0.0990 -> 0.0941 ms, 1 x 128k 0.0592 -> 0.0520, 1 x 32k 0.0296 ->
+    0.0224), and the mixed tiers faster at batch 1 (MixKVQ's default tiers 1 x 32k 0.0417 -> 0.0345,
+    1 x 128k 0.1021 -> 0.0961) but slower at 8 x 32k (0.1796 -> 0.1963; 13 / 26 / 89 channels
+    0.2170 -> 0.2265), for a reason not yet measured. ``MIXKVQ_PDL=1``: on for every planar store;
+    ``MIXKVQ_PDL=0``: off."""
+    flag = os.environ.get("MIXKVQ_PDL", "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"MIXKVQ_PDL must be 0, 1 or unset, got {flag!r}")
+    if flag == "0" or not layout.planar_words or (layout.planar_mixed and flag != "1"):
+        return False
+    if device.type != "cuda" or interpreting():
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def check_kernel_device(device: torch.device, caller: str) -> None:

@@ -15,6 +15,15 @@ Scores go through an online softmax in float32 (base 2); each split writes ``(m,
 second kernel combines the splits and writes ``[B, Hq, Lq, Dv]`` in the query dtype. Dequantized keys
 and values are rounded to the store dtype and then to the query dtype, like ``KVStore.read`` followed
 by ``reference.attention``.
+
+Planar stores launch the full-precision split first, then the packed groups (``planar_split_kernel``),
+then the combine. Where ``_runtime.overlap_launches`` says so (compute capability 9.0 and up; by
+default stores of one key tier; ``MIXKVQ_PDL``) the last two are programmatic dependent launches:
+- the packed groups start while the full-precision launch runs (the two write different partials;
+  the full-precision programs signal at their start), and each of their programs waits for that
+  launch before it exits, so the end of the packed-group launch means both are done;
+- the combine launches as the packed-group programs finish their walk and waits for that launch
+  before it reads a partial.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ import torch
 from ..store import KVStore
 from ._runtime import (
     check_kernel_device,
+    gdc_launch_dependents,
+    gdc_wait,
     interpreting,
     layout_constexprs,
     next_pow2,
     num_sms,
+    overlap_launches,
     packed_groups_before,
     scores_mask,
     store_arguments,
@@ -309,7 +321,10 @@ def _attn_split_kernel(
     FP_PART: tl.constexpr,
     GATHER: tl.constexpr,
     DQ: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the next launch (the planar packed groups, which do not read our output) may start now
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     sp = num_splits if FP_PART else tl.program_id(1)
     qb = tl.program_id(2)
@@ -537,9 +552,12 @@ def _combine_kernel(
     PARTS_P: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program ``(bh * M + r, c)``: output channels ``c * BLOCK_D ..`` of query row ``r`` of KV head
     ``bh`` (``combine_partials``), ``BLOCK_S`` partials per load."""
+    if PDL:  # launched before the partials are done: wait for them
+        gdc_wait()
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     bh = pid // M
@@ -576,7 +594,12 @@ def _combine_kernel(
 
 
 def combine_partials(
-    part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, heads: int, n_rep: int
+    part_acc: torch.Tensor,
+    part_ml: torch.Tensor,
+    out: torch.Tensor,
+    heads: int,
+    n_rep: int,
+    overlap: bool = False,
 ) -> None:
     """Write ``out [B, heads * n_rep, Lq, Dv]`` from the split partials of ``decode_attention``.
 
@@ -586,7 +609,9 @@ def combine_partials(
     and 32-channel block, up to 256 partials per load. One program per row walking 16 partials a step
     took 8.8 us at 1 x 32k (133 partials per row; H200, session 8), a memory latency per step; this
     took the whole decode call at 1 x 32k from 0.0360 to 0.0296 ms (kivi2) and 1 x 128k from 0.0653 to
-    0.0592 ms (H200, 2026-11-27, ``bench/decode_ab.py``), and left 8 x 32k unchanged."""
+    0.0592 ms (H200, 2026-11-27, ``bench/decode_ab.py``), and left 8 x 32k unchanged.
+    ``overlap``: launched while the launches that write the partials may still run (programmatic
+    dependent launch); each program waits for them first."""
     bh, parts, rows, dv = part_acc.shape
     block_d = min(32, dv)
     _combine_kernel[(bh * rows, dv // block_d)](
@@ -603,7 +628,9 @@ def combine_partials(
         PARTS_P=next_pow2(parts),
         BLOCK_S=min(8192 // block_d, next_pow2(parts)),
         BLOCK_D=block_d,
+        PDL=overlap,
         num_warps=4,
+        **({"launch_pdl": True} if overlap else {}),
     )
 
 
@@ -885,6 +912,13 @@ def decode_attention(
         # float16 query and store: dequantize in float16 (paired HFMA2); otherwise float32.
         DQ=_dequant_dtype(query.dtype, lay.dtype),
     )
+    # Planar stores: the full-precision launch first, so that on Hopper and later the planar launch can
+    # start while it runs (programmatic dependent launch): the two write different partials.
+    overlap = overlap_launches(lay, device)
+    if lay.planar_words:
+        _attn_split_kernel[(bh, 1, q_blocks)](
+            *args, **meta, FP_PART=True, PDL=overlap, num_warps=fp_warps, num_stages=fp_stages
+        )
     if num_splits and lay.planar_words:
         codes, qparams = tiers[lay.planar_key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
@@ -909,13 +943,16 @@ def decode_attention(
             # Mixed tiers: two stages (H200, 2026-11-27, 13/26/89 channels: 8 x 32k 0.216 -> 0.199 ms,
             # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
             num_stages=num_stages or (2 if lay.planar_mixed else 3),
+            PDL=overlap,
+            **({"launch_pdl": True} if overlap else {}),
         )
     elif num_splits:
         _attn_split_kernel[(bh, num_splits, q_blocks)](
-            *args, **meta, FP_PART=False, num_warps=warps, num_stages=num_stages or 3
+            *args, **meta, FP_PART=False, PDL=False, num_warps=warps, num_stages=num_stages or 3
         )
-    _attn_split_kernel[(bh, 1, q_blocks)](
-        *args, **meta, FP_PART=True, num_warps=fp_warps, num_stages=fp_stages
-    )
-    combine_partials(part_acc, part_ml, out, lay.heads, n_rep)
+    if not lay.planar_words:
+        _attn_split_kernel[(bh, 1, q_blocks)](
+            *args, **meta, FP_PART=True, PDL=False, num_warps=fp_warps, num_stages=fp_stages
+        )
+    combine_partials(part_acc, part_ml, out, lay.heads, n_rep, overlap)
     return out

@@ -59,7 +59,7 @@ sums live beside the running ones) (``bench/decode_ab.py``, session 12 in ``docs
 
 from __future__ import annotations
 
-from ._runtime import packed_groups_before, scores_mask, tl, triton
+from ._runtime import gdc_launch_dependents, gdc_wait, packed_groups_before, scores_mask, tl, triton
 
 __all__ = ["planar_split_kernel"]
 
@@ -615,6 +615,7 @@ def planar_split_kernel(
     HIGH: tl.constexpr,
     MID: tl.constexpr,
     INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
@@ -716,6 +717,8 @@ def planar_split_kernel(
             MID,
             INTERP,
         )
+    if PDL:  # the walk is over: the combine may launch (it waits for this launch to end)
+        gdc_launch_dependents()
     part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows
     _store_field(part_acc_ptr, part, row_ok, a0, za, 0, FWV, DV, VGS)
     _store_field(part_acc_ptr, part, row_ok, a1, za, 1, FWV, DV, VGS)
@@ -727,3 +730,5 @@ def planar_split_kernel(
     _store_field(part_acc_ptr, part, row_ok, a7, za, 7, FWV, DV, VGS)
     tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    if PDL:  # launched while the full-precision launch may still run: end after it, so that the
+        gdc_wait()  # combine, which waits for this launch only, reads both launches' partials
