@@ -4,6 +4,7 @@
     PYTHONPATH=ab/old python3 bench/decode_ab.py --label old    # the same with an older copy of the package
     python3 bench/decode_ab.py --shapes 8x32768 --configs mixkvq-default
     python3 bench/decode_ab.py --splits default,1,2,4   # also fewer splits: longer walks per program
+    python3 bench/decode_ab.py --pdl 0,1 --fp-stages default,1   # overlapped launches, on and off
 
 For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16) and each quantization
 setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a CUDA graph, L2
@@ -16,13 +17,16 @@ time printed by each run tells whether the card's speed moved between them. With
 store is also run with the given split counts (``default``: ``decode_attention``'s choice), since the
 error of a program's walk over many groups may grow with its length (it did until session 12: 2.4e-2 at
 8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums in float32, 7.7e-4
-and 7.4e-4).
+and 7.4e-4). ``--fp-stages`` does the same for the stage count of the full-precision launch, and
+``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches of ``kernels._runtime.overlap_launches``; an
+older package copy may ignore it).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import sys
 import time
@@ -55,6 +59,25 @@ def relative_error(out: torch.Tensor, q: torch.Tensor, store, ctx: int) -> float
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def counts(parser: argparse.ArgumentParser, option: str, text: str) -> list[int | None]:
+    """``"default,1,2"`` -> ``[None, 1, 2]`` (None: ``decode_attention``'s own choice); positive only."""
+    try:
+        values = [None if n == "default" else int(n) for n in text.split(",")]
+    except ValueError:
+        parser.error(f"{option} takes integers or 'default', got {text!r}")
+    if any(n is not None and n < 1 for n in values):
+        parser.error(f"{option}: counts must be at least 1")
+    return values
+
+
+def set_pdl(flag: str) -> None:
+    """``MIXKVQ_PDL`` for the next calls (read at every ``decode_attention`` call): unset for default."""
+    if flag == "default":
+        os.environ.pop("MIXKVQ_PDL", None)
+    else:
+        os.environ["MIXKVQ_PDL"] = flag
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,13 +86,18 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
+    parser.add_argument(
+        "--fp-stages", default="default", help="comma-separated stage counts of the full-precision launch"
+    )
+    parser.add_argument(
+        "--pdl", default="default", help="comma-separated MIXKVQ_PDL settings: default (unset), 0, 1"
+    )
     args = parser.parse_args()
-    try:
-        splits = [None if n == "default" else int(n) for n in args.splits.split(",")]
-    except ValueError:
-        parser.error(f"--splits takes integers or 'default', got {args.splits!r}")
-    if any(n is not None and n < 1 for n in splits):
-        parser.error("--splits: split counts must be at least 1")
+    splits = counts(parser, "--splits", args.splits)
+    fp_stages = counts(parser, "--fp-stages", args.fp_stages)
+    pdl = args.pdl.split(",")
+    if set(pdl) - {"default", "0", "1"}:
+        parser.error(f"--pdl takes default, 0 and 1, got {args.pdl!r}")
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
@@ -78,7 +106,8 @@ def main() -> None:
         f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    columns = ("shape", 9), ("config", 15), ("splits", 7), ("ours ms", 8), ("cudnn ms", 8), ("x cudnn", 7)
+    columns = ("shape", 9), ("config", 15), ("splits", 7), ("fp st", 7), ("pdl", 7), ("ours ms", 8)
+    columns += ("cudnn ms", 8), ("x cudnn", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))
@@ -95,15 +124,18 @@ def main() -> None:
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx)
             packed = store.layout.flushed_groups(ctx)
-            for n_splits in splits:
-                kw = {"packed": packed, "num_splits": n_splits}
+            for n_splits, stages, flag in itertools.product(splits, fp_stages, pdl):
+                set_pdl(flag)
+                kw = {"packed": packed, "num_splits": n_splits, "fp_stages": stages}
                 err = relative_error(decode_attention(q, store, ctx, **kw), q, store, ctx)
                 ours = bench_graph(lambda s=store, q=q, n=ctx, kw=kw: decode_attention(q, s, n, **kw))
-                label = "default" if n_splits is None else str(n_splits)
+                labels = ("default" if n is None else str(n) for n in (n_splits, stages))
                 print(
-                    f"{shape:>9} {name:>15} {label:>7} {ours:8.4f} {base:8.4f} {base / ours:7.2f} {err:8.1e}",
+                    f"{shape:>9} {name:>15} {' '.join(f'{x:>7}' for x in labels)} {flag:>7} {ours:8.4f} "
+                    f"{base:8.4f} {base / ours:7.2f} {err:8.1e}",
                     flush=True,
                 )
+            set_pdl("default")
             del store
             torch.cuda.empty_cache()
 
