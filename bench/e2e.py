@@ -22,11 +22,14 @@ forward before generate() continues from it; the prefill time then covers those 
 Decode step time: a logits processor synchronizes and takes the time at every generated token; a call's
 step is the median interval between consecutive decode steps in its second half (the decode graph is
 compiled and captured in the first steps), and the reported step is the median over ``--repeats``
-calls after two warm-up calls (``step_ms_runs`` lists them all). Until 2026-11-27 the step was
-(time of generate(new tokens) - time of generate(1 token)) / (new tokens - 1): both calls include the
-prefill, whose run-to-run variation (0.5% of an 11 s prefill is 2 ms per step at 32 tokens) made that
-difference noisier than the effects measured. ``--single-call`` (for the largest batch that fits, where
-every prefill of B x 32k tokens takes minutes) runs generate() once, timed per step the same way;
+calls after two warm-up calls (``step_ms_runs`` lists them all; ``runs`` gives each call's fastest and
+slowest timed step and the GPU's clocks, temperature, power and clock limits after its first and last
+token, from ``bench/gpu_state.py``, to tell a spread between calls caused by the card's state).
+Until 2026-11-27 the step was (time of generate(new tokens) - time of generate(1 token)) /
+(new tokens - 1): both calls include the prefill, whose run-to-run variation (0.5% of an 11 s prefill
+is 2 ms per step at 32 tokens) made that difference noisier than the effects measured.
+``--single-call`` (for the largest batch that fits, where every prefill of B x 32k tokens takes
+minutes) runs generate() once, timed per step the same way;
 prefill and first-call times are then that call's time to the first token, compiles included.
 Weights do not change speed, so random weights measure the real cost. The byte roofline of a step is
 (weight bytes + KV bytes held) / measured copy bandwidth.
@@ -45,6 +48,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_state import describe, gpu_state
 
 from mixkvq_compile.chunk_attention import attend_split, is_plain_causal
 
@@ -177,35 +181,47 @@ def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0, logi
 
 
 class StepClock:
-    """A logits processor that synchronizes and records the time at every generated token."""
+    """A logits processor that synchronizes and records the time at every generated token, and the
+    GPU's clocks and temperature (``gpu_state``) after the first one."""
 
     def __init__(self):
         self.times: list[float] = []
+        self.first_state: dict | None = None
 
     def __call__(self, input_ids, scores):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        if len(self.times) == 1:  # the first step is not timed (step_intervals)
+            self.first_state = gpu_state()
         return scores
 
 
-def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, float, object]:
-    """One generate(): (seconds to the first token, median decode step seconds, output)."""
+def single_call(model, ids, new_tokens: int, cache, chunk: int) -> tuple[float, float, object, dict]:
+    """One generate(): (seconds to the first token, median decode step seconds, output, the run's
+    fastest and slowest timed step in ms and the GPU's state after its first and last token)."""
     from transformers import LogitsProcessorList
 
     clock = StepClock()
     torch.cuda.synchronize()
     started = time.perf_counter()
     _, out = timed_generate(model, ids, new_tokens, cache, chunk, LogitsProcessorList([clock]))
-    return clock.times[0] - started, median_step(clock.times), out
+    intervals = step_intervals(clock.times)
+    run_info = {
+        "step_ms_min": min(intervals) * 1e3,
+        "step_ms_max": max(intervals) * 1e3,
+        "gpu_first": clock.first_state,
+        "gpu_last": gpu_state(),
+    }
+    return clock.times[0] - started, statistics.median(intervals), out, run_info
 
 
-def median_step(times: list[float]) -> float:
-    """The median interval between consecutive times of the second half of ``times`` (one per generated
-    token, in seconds): the decode step, after the steps that compile and capture the graphs."""
+def step_intervals(times: list[float]) -> list[float]:
+    """The intervals between consecutive times of the second half of ``times`` (one per generated
+    token, in seconds): decode steps, after the steps that compile and capture the graphs."""
     if len(times) < 4:
         raise ValueError(f"{len(times)} generated tokens: time at least 4 (--new-tokens) to measure a step")
     half = times[len(times) // 2 :]
-    return statistics.median(b - a for a, b in zip(half, half[1:]))
+    return [b - a for a, b in zip(half, half[1:])]
 
 
 def set_method(model, method: str):
@@ -261,11 +277,11 @@ def run(
         from transformers import StaticCache
 
         cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
-    steps = []
+    steps, runs = [], []
     if single:
         torch.cuda.reset_peak_memory_stats()
-        prefill, step, out = single_call(model, ids, new_tokens, cache, chunk)
-        first, steps = prefill, [step]
+        prefill, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
+        first, steps, runs = prefill, [step], [run_info]
     else:
         first, out = timed_generate(model, ids, new_tokens, cache, chunk)  # compiles prefill and decode
         del out
@@ -277,8 +293,9 @@ def run(
         prefill, out = timed_generate(model, ids, 1, cache, chunk)
         for _ in range(repeats):
             del out
-            _, step, out = single_call(model, ids, new_tokens, cache, chunk)
+            _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
             steps.append(step)
+            runs.append(run_info)
         step = statistics.median(steps)
     peak = torch.cuda.max_memory_allocated()
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
@@ -292,6 +309,7 @@ def run(
         "layers": model.config.num_hidden_layers,
         "step_ms": step * 1e3,
         "step_ms_runs": [t * 1e3 for t in steps],
+        "runs": runs,
         "tokens_per_s": batch / step,
         "prefill_s": prefill,
         "first_call_s": first,
@@ -369,6 +387,13 @@ def main() -> None:
                     torch._dynamo.reset()
                     torch.cuda.empty_cache()
                 print(json.dumps(result), flush=True)
+                for i, r in enumerate(result.get("runs", [])):
+                    print(
+                        f"  run {i}: step {result['step_ms_runs'][i]:.2f} ms (timed steps "
+                        f"{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}); GPU after the first token "
+                        f"{describe(r['gpu_first'])}, after the last {describe(r['gpu_last'])}",
+                        flush=True,
+                    )
                 results.append(result)
                 if out_path:
                     with open(out_path, "a") as handle:

@@ -6,6 +6,7 @@ measures something else than it says). Its decode step attends the whole static 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 import pytest
@@ -66,12 +67,28 @@ def test_strong_baseline_matches_sdpa_in_chunks_and_decode(registered):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-def test_median_step_skips_the_compiling_steps_and_one_slow_step():
+def test_step_intervals_skip_the_compiling_steps():
     """``bench/e2e.py``'s decode step: the median interval of the second half of the per-token times,
-    so neither the first steps (compiles, graph capture) nor one slow step (a group flush) move it."""
+    so neither the first steps (compiles, graph capture) nor one slow step (a group flush) move it;
+    the run's slowest and fastest timed steps come from the same intervals."""
     times = [0.0]
     for step in [5.0, 4.0, 1.0, 0.5, 0.2, 0.1, 0.05] + [0.010] * 4 + [0.030] + [0.010] * 4:
         times.append(times[-1] + step)  # seven compiling steps, then steady ones and a slow one
-    assert e2e.median_step(times) == pytest.approx(0.010)
+    intervals = e2e.step_intervals(times)
+    assert statistics.median(intervals) == pytest.approx(0.010)
+    assert max(intervals) == pytest.approx(0.030)
+    assert min(intervals) == pytest.approx(0.010)
     with pytest.raises(ValueError, match="at least 4"):
-        e2e.median_step([0.0, 1.0, 2.0])
+        e2e.step_intervals([0.0, 1.0, 2.0])
+
+
+def test_gpu_state_names_the_clock_limits():
+    """``bench/gpu_state.py``: NVML's clock event bits by name (unknown bits in hex), and the report line."""
+    from gpu_state import describe, reason_names
+
+    assert reason_names(0) == []
+    assert reason_names(0x4 | 0x40) == ["power_cap", "hw_thermal"]
+    assert reason_names(0x1 | 0x1000) == ["idle", "0x1000"]
+    state = {"sm_mhz": 1755, "mem_mhz": 3201, "temp_c": 61, "power_w": 612.4, "limits": ["power_cap"]}
+    assert describe(state) == "1755 MHz, 61 C, 612 W [power_cap]"
+    assert describe(None) == "no NVML"
