@@ -40,6 +40,7 @@ sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # last: a packag
 # Imported before bench/kernels.py, which puts this tree first on sys.path.
 mixkvq_compile = importlib.import_module("mixkvq_compile")
 
+from gpu_state import describe, gpu_state  # noqa: E402
 from kernels import HKV, HQ, D, bench_graph, random_store  # noqa: E402
 
 from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
-        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}"
+        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; GPU {describe(gpu_state())}"
     )
     columns = ("shape", 9), ("config", 15), ("splits", 7), ("fp st", 7), ("pdl", 7), ("ours ms", 8)
     columns += ("cudnn ms", 8), ("x cudnn", 7)
@@ -138,6 +139,7 @@ def main() -> None:
             set_pdl("default")
             del store
             torch.cuda.empty_cache()
+    print(f"GPU at the end: {describe(gpu_state())}")
 
 
 if __name__ == "__main__":
