@@ -805,8 +805,11 @@ def test_decode_gpu_long_walk(name):
 
 @pytest.mark.parametrize(
     ("flag", "expected"),
-    [("", {"kivi2": True, "mix": False, "kivi4": False}), ("1", {"kivi2": True, "mix": True, "kivi4": False})]
-    + [("0", {"kivi2": False, "mix": False, "kivi4": False})],
+    [
+        ("", {"kivi2": True, "mix": False, "kivi4": False}),
+        ("1", {"kivi2": True, "mix": True, "kivi4": False}),
+        ("0", {"kivi2": False, "mix": False, "kivi4": False}),
+    ],
 )
 def test_overlap_launches_policy(flag, expected, monkeypatch):
     """Which decode calls overlap their launches on a PDL-capable GPU: planar stores of one key tier by

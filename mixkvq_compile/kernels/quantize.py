@@ -783,6 +783,13 @@ def write_tokens(
             store.set_length(set_length, set_packed)
         return
     block_t = min(16, next_pow2(lq))
+    # The query, its (batch, head, channel) strides and the statistics it adds to; without a query the
+    # kernel reads none of them (N_REP = 0), so ``key`` stands in for the pointers.
+    if query is None:
+        query_args = (key, 0, 0, 0, key, key)
+    else:
+        sqb, sqh, _, sqd = query.stride()
+        query_args = (query, sqb, sqh, sqd, store.keys["query_abs_sum"], store.keys["query_count"])
     _write_tokens_kernel[(lay.batch * lay.heads, triton.cdiv(lq, block_t))](
         key,
         *key.stride(),
@@ -795,12 +802,7 @@ def write_tokens(
         store.keys["header"],
         store.values["header"],
         start if from_ptr else store.keys["header"],
-        query if query is not None else key,
-        query.stride(0) if query is not None else 0,
-        query.stride(1) if query is not None else 0,
-        query.stride(3) if query is not None else 0,
-        store.keys["query_abs_sum"] if query is not None else key,
-        store.keys["query_count"] if query is not None else key,
+        *query_args,
         0 if from_ptr else int(start),
         0 if from_ptr else int(start if ring_from is None else ring_from),
         int(set_length or 0),
