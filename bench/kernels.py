@@ -36,6 +36,7 @@ import triton  # noqa: E402
 
 from mixkvq_compile.config import PRESETS, MixKVQConfig  # noqa: E402
 from mixkvq_compile.kernels import quantize as qkern  # noqa: E402
+from mixkvq_compile.kernels._runtime import overlap_launches  # noqa: E402
 from mixkvq_compile.kernels.decode_attention import decode_attention, split_count  # noqa: E402
 from mixkvq_compile.store import KVStore, StoreLayout, allocate  # noqa: E402
 
@@ -266,17 +267,21 @@ def main() -> None:
             def attend(store=store, q=q, ctx=ctx, packed=packed):
                 return decode_attention(q, store, ctx, packed=packed)
 
-            def attend_append(store=store, tk=tk, tv=tv, pos=pos):
+            # As ops.decode_step: the append overlaps the attention's end where the attention overlaps.
+            overlap = overlap_launches(lay, q.device)
+
+            def attend_append(store=store, tk=tk, tv=tv, pos=pos, overlap=overlap):
                 attend()
-                qkern.append_token(store, tk, tv, pos)
+                qkern.append_token(store, tk, tv, pos, overlap=overlap)
 
             def attend_restore():
                 attend()
                 restore_headers()
 
-            def attend_append_flush():
+            def attend_append_flush(store=store, tk=tk, tv=tv, pos=pos_flush, overlap=overlap):
                 attend()
-                token_flush()
+                restore_headers()
+                qkern.append_token(store, tk, tv, pos, overlap=overlap)
 
             in_step = bench_graph(attend_append) - bench_graph(attend)
             in_step_flush = bench_graph(attend_append_flush) - bench_graph(attend_restore)

@@ -148,9 +148,11 @@ def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal
 
     The position stays on the device: the fused attention reads the store length from it, the append
     writes the token (and adds the query to the channel statistics, restarted at position 0, a new
-    sequence) and flushes the group it completes in predicated launches. Positions past the
-    capacity stop the program with a device-side assert (as an out-of-range ``index_copy_`` does).
+    sequence) and flushes the group it completes in predicated launches. On compute capability 9.0+
+    the append's launches overlap the attention's end (``append_token``'s ``overlap``). Positions past
+    the capacity stop the program with a device-side assert (as an out-of-range ``index_copy_`` does).
     """
+    from .kernels._runtime import overlap_launches
     from .kernels.decode_attention import decode_attention
     from .kernels.quantize import append_token
 
@@ -163,7 +165,8 @@ def decode_step(query, key, value, positions, store, attn_mask, scale, is_causal
     )
     # The query statistics (restarted at position 0) are updated in the append's first launch, before
     # its flush ranks the channels: as ``accumulate_queries`` after ``mul_(position != 0)`` would.
-    append_token(store, key, value, position, query=query if store.layout.salience else None)
+    overlap = overlap_launches(store.layout, query.device)  # as decode_attention's
+    append_token(store, key, value, position, query=query if store.layout.salience else None, overlap=overlap)
     return out
 
 

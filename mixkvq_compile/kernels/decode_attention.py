@@ -23,7 +23,8 @@ default stores of one key tier; ``MIXKVQ_PDL``) the last two are programmatic de
   the full-precision programs signal at their start), and each of their programs waits for that
   launch before it exits, so the end of the packed-group launch means both are done;
 - the combine launches as the packed-group programs finish their walk and waits for that launch
-  before it reads a partial.
+  before it reads a partial; it then signals, so that a decode step's append (``append_token`` with
+  ``overlap``, which writes the store this attention read) may launch.
 """
 
 from __future__ import annotations
@@ -556,8 +557,9 @@ def _combine_kernel(
 ):
     """Program ``(bh * M + r, c)``: output channels ``c * BLOCK_D ..`` of query row ``r`` of KV head
     ``bh`` (``combine_partials``), ``BLOCK_S`` partials per load."""
-    if PDL:  # launched before the partials are done: wait for them
-        gdc_wait()
+    if PDL:  # launched before the partials are done: wait for them; the attention's reads of the
+        gdc_wait()  # store are then over, so a decode step's append (``append_token``) may launch
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     bh = pid // M

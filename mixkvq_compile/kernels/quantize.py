@@ -20,6 +20,8 @@ import torch
 from ..store import KVStore
 from ._runtime import (
     check_kernel_device,
+    gdc_launch_dependents,
+    gdc_wait,
     layout_constexprs,
     next_pow2,
     packed_groups_before,
@@ -311,7 +313,10 @@ def _store_groups_kernel(
     FROM_PTR: tl.constexpr,
     PLANAR: tl.constexpr,
     PLANAR_MIXED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the step's write runs: wait for its ring slot and header
+        gdc_wait()
     bh = tl.program_id(0)
     n = tl.program_id(1)
     b = bh // H
@@ -538,9 +543,12 @@ def store_groups(
     _launch_store_groups(store, key, value, count, order, first, offset, wrap)
 
 
-def _launch_store_groups(store, key, value, count, order, first, offset, wrap, predicated=False) -> None:
+def _launch_store_groups(
+    store, key, value, count, order, first, offset, wrap, predicated=False, overlap=False
+) -> None:
     """One launch of ``_store_groups_kernel`` (``predicated``: a decode step's one-group flush from the
-    ring, of the group its ring write chose, if any)."""
+    ring, of the group its ring write chose, if any; ``overlap``: launched while that write runs, see
+    ``append_token``)."""
     lay = store.layout
     keys = store.keys
     rank = lay.mixed_keys and order is None
@@ -581,7 +589,9 @@ def _launch_store_groups(store, key, value, count, order, first, offset, wrap, p
         FROM_PTR=predicated,
         PLANAR=lay.planar_words,
         PLANAR_MIXED=lay.planar_mixed,
+        PDL=overlap,
         num_warps=4,
+        **({"launch_pdl": True} if overlap else {}),
     )
 
 
@@ -659,7 +669,10 @@ def _write_tokens_kernel(
     SET_LENGTH: tl.constexpr,
     START_FROM_PTR: tl.constexpr,
     N_REP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # a decode step's write, launched while the combine runs: the flush may launch now
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     tb = tl.program_id(1)
     if START_FROM_PTR:  # a decode step: append at the position held on the device
@@ -713,6 +726,8 @@ def _write_tokens_kernel(
         sink_ok = (is_sink & ok)[:, None]
         tl.store(ksink_ptr + bh64 * (S * D) + srow[:, None] * D + dk[None, :], k, mask=sink_ok)
         tl.store(vsink_ptr + bh64 * (S * DV) + srow[:, None] * DV + dv[None, :], v, mask=sink_ok)
+    if PDL:  # end after the combine launched before us, whose output the next kernels read
+        gdc_wait()
 
 
 def write_tokens(
@@ -725,6 +740,7 @@ def write_tokens(
     set_length: int | None = None,
     set_packed: int | None = None,
     query: torch.Tensor | None = None,
+    overlap: bool = False,
 ) -> None:
     """Write ``key``/``value`` ``[B, H, Lq, D]`` at positions ``start..`` in full precision.
 
@@ -738,7 +754,7 @@ def write_tokens(
     ``Lq`` must be 1); ``ring_from``/``set_length``/``set_packed`` must be None. With a tensor
     ``start``, ``query`` ``[B, Hq, 1, D]`` (the step's query) is also added to the channel statistics of
     a query-aware store, as ``KVStore.accumulate_queries`` does after restarting them at position 0: no
-    launch of its own.
+    launch of its own. ``overlap``: see ``append_token``.
     """
     from_ptr = isinstance(start, torch.Tensor)
     if from_ptr and (
@@ -752,6 +768,8 @@ def write_tokens(
     if set_packed is not None and set_length is None:
         raise ValueError("write_tokens: set_packed needs set_length")
     lay = store.layout
+    if overlap and not from_ptr:
+        raise ValueError("write_tokens: overlap is for a decode step's write (a tensor start)")
     if query is not None:
         if not from_ptr or not lay.salience:
             raise ValueError("write_tokens: a query needs a tensor start and a query-aware store")
@@ -821,7 +839,9 @@ def write_tokens(
         SET_LENGTH=from_ptr or set_length is not None,
         START_FROM_PTR=from_ptr,
         N_REP=0 if query is None else query.shape[1] // lay.heads,
+        PDL=overlap,
         num_warps=4,
+        **({"launch_pdl": True} if overlap else {}),
     )
 
 
@@ -883,6 +903,7 @@ def append_token(
     value: torch.Tensor,
     position: torch.Tensor,
     query: torch.Tensor | None = None,
+    overlap: bool = False,
 ) -> None:
     """Append one decode token at the position held in ``position`` (one integer element on the
     device) without any host read: the write into the ring (which also decides whether a group leaves
@@ -896,13 +917,20 @@ def append_token(
             guarantees it (``mixkvq::kv_attention`` asserts ``position < capacity`` on the device).
         query: ``[B, Hq, 1, D]``, for a query-aware store: added to the channel statistics (restarted at
             position 0) in the write's launch, before the flush ranks the channels (``write_tokens``).
+        overlap: the launch before this call is ``decode_attention``'s combine with ``overlap`` (a
+            decode step on compute capability 9.0+, ``ops.decode_step``): the write is launched while
+            the combine runs (programmatic dependent launch; the combine signals once the attention's
+            reads of the store are over) and ends after it, and the flush is launched while the write
+            runs and waits for it before reading anything.
 
     Leaves the store equal, bit for bit, to ``KVStore.append(key, value, position)``.
     """
     lay = store.layout
     if key.dim() != 4 or key.shape[2] != 1:
         raise ValueError(f"append_token: expected one token [B, H, 1, D], got {tuple(key.shape)}")
-    write_tokens(store, key, value, position, query=query)
+    write_tokens(store, key, value, position, query=query, overlap=overlap)
     if lay.num_groups:
         ring_k, ring_v = store.keys["ring"], store.values["ring"]
-        _launch_store_groups(store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), predicated=True)
+        _launch_store_groups(
+            store, ring_k, ring_v, 1, None, 0, 0, max(lay.window, 1), predicated=True, overlap=overlap
+        )
