@@ -806,15 +806,15 @@ def test_decode_gpu_long_walk(name):
 @pytest.mark.parametrize(
     ("flag", "expected"),
     [
-        ("", {"kivi2": True, "mix": False, "kivi4": False}),
+        ("", {"kivi2": True, "mix": True, "kivi4": False}),
         ("1", {"kivi2": True, "mix": True, "kivi4": False}),
         ("0", {"kivi2": False, "mix": False, "kivi4": False}),
     ],
 )
 def test_overlap_launches_policy(flag, expected, monkeypatch):
-    """Which decode calls overlap their launches on a PDL-capable GPU: planar stores of one key tier by
-    default, every planar store with ``MIXKVQ_PDL=1``, none with ``0``; never a non-planar store, a
-    CPU tensor or the interpreter. A bad ``MIXKVQ_PDL`` is an error."""
+    """Which decode calls overlap their launches on a PDL-capable GPU: every planar store, unless
+    ``MIXKVQ_PDL=0``; never a non-planar store, a CPU tensor or the interpreter. A bad ``MIXKVQ_PDL``
+    is an error."""
     monkeypatch.setattr(_runtime, "_pdl_capable", lambda index: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MIXKVQ_PDL", flag)

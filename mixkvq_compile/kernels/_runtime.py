@@ -45,19 +45,18 @@ def _pdl_capable(device_index: int) -> bool:
 def overlap_launches(layout, device: torch.device) -> bool:
     """Whether ``decode_attention`` over a store of ``layout`` (a ``StoreLayout``) on ``device`` overlaps
     its launches (programmatic dependent launch: compute capability 9.0 and up, compiled kernels,
-    planar stores only).
+    planar stores only). ``MIXKVQ_PDL=0`` turns it off, ``1`` or unset leaves it on.
 
-    ``MIXKVQ_PDL`` unset: on for planar stores of one key tier (kivi2, KVmix's uniform bits), off for
-    mixed key tiers. On an H200 (2026-11-27, ``bench/decode_ab.py``) the overlap made kivi2 faster at
-    every shape measured (8 x 32k 0.0990 -> 0.0941 ms, 1 x 128k 0.0592 -> 0.0520, 1 x 32k 0.0296 ->
-    0.0224), and the mixed tiers faster at batch 1 (MixKVQ's default tiers 1 x 32k 0.0417 -> 0.0345,
-    1 x 128k 0.1021 -> 0.0961) but slower at 8 x 32k (0.1796 -> 0.1963; 13 / 26 / 89 channels
-    0.2170 -> 0.2265), for a reason not yet measured. ``MIXKVQ_PDL=1``: on for every planar store;
-    ``MIXKVQ_PDL=0``: off."""
+    On an H200 (2026-11-27, ``bench/decode_ab.py``) the overlap made kivi2 faster at every shape
+    measured (8 x 32k 0.0990 -> 0.0942 ms, 1 x 32k 0.0298 -> 0.0227). Mixed key tiers gain with it
+    when the full-precision launch runs one stage (``decode_attention``'s default then): MixKVQ's
+    default tiers 8 x 32k 0.1798 -> 0.1757 ms, 1 x 32k 0.0419 -> 0.0344; 13 / 26 / 89 channels
+    0.2173 -> 0.2160 and 0.0474 -> 0.0405. With that launch's two stages (83 KB of shared memory per
+    program against 18 KB) they lost 4-10% at 8 x 32k."""
     flag = os.environ.get("MIXKVQ_PDL", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PDL must be 0, 1 or unset, got {flag!r}")
-    if flag == "0" or not layout.planar_words or (layout.planar_mixed and flag != "1"):
+    if flag == "0" or not layout.planar_words:
         return False
     if device.type != "cuda" or interpreting():
         return False

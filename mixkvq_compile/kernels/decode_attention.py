@@ -17,8 +17,8 @@ and values are rounded to the store dtype and then to the query dtype, like ``KV
 by ``reference.attention``.
 
 Planar stores launch the full-precision split first, then the packed groups (``planar_split_kernel``),
-then the combine. Where ``_runtime.overlap_launches`` says so (compute capability 9.0 and up; by
-default stores of one key tier; ``MIXKVQ_PDL``) the last two are programmatic dependent launches:
+then the combine. Where ``_runtime.overlap_launches`` says so (compute capability 9.0 and up;
+``MIXKVQ_PDL=0`` turns it off) the last two are programmatic dependent launches:
 - the packed groups start while the full-precision launch runs (the two write different partials;
   the full-precision programs signal at their start), and each of their programs waits for that
   launch before it exits, so the end of the packed-group launch means both are done;
@@ -718,7 +718,8 @@ def decode_attention(
             query rows per program; warps per program (planar stores: of the packed-group launch
             only; default 1 per 16 query rows); software-pipelining depth of the packed-group
             loop (default 2 for planar stores of mixed tiers, else 3) and of the full-precision
-            loop (default 2 for planar stores, else 1); ``gather``
+            loop (default 2 for planar stores of one tier, or of mixed tiers without the overlap
+            below, else 1); ``gather``
             unpacks codes with one byte load per code instead of a vector load plus an in-register
             reshape (default layout only; planar stores, ``StoreLayout.planar``, take
             ``planar_attention.planar_split_kernel`` for the packed groups).
@@ -844,9 +845,13 @@ def decode_attention(
     warps = num_warps or (2 if lay.mixed_keys and block_m <= 16 else 4 if block_m <= 32 else 8)
     # Planar stores: ``num_warps`` tunes the packed-group kernel; the full-precision launch keeps its own.
     fp_warps = (4 if block_m <= 32 else 8) if lay.planar_words else warps
+    overlap = overlap_launches(lay, device)
     # Two stages prefetch the next ring block (H200, kivi2, same output: 8 x 32k 0.097 -> 0.093 ms,
-    # 1 x 32k 0.040 -> 0.036, 1 x 128k 0.068 -> 0.062); not measured on the default layout.
-    fp_stages = fp_stages or (2 if lay.planar_words else 1)
+    # 1 x 32k 0.040 -> 0.036, 1 x 128k 0.068 -> 0.062); not measured on the default layout. Mixed tiers
+    # overlapped with the packed groups: one stage, whose 18 KB of shared memory (83 KB with two) leave
+    # the packed-group programs on the same SMs their L1 (H200, MixKVQ's default tiers, 8 x 32k
+    # 0.1979 -> 0.1757 ms; 1 x 32k 0.0351 -> 0.0344).
+    fp_stages = fp_stages or (2 if lay.planar_words and not (overlap and lay.planar_mixed) else 1)
     # Arguments the split kernel and the planar kernel share (see their signatures).
     common = [
         mask_t,
@@ -916,7 +921,6 @@ def decode_attention(
     )
     # Planar stores: the full-precision launch first, so that on Hopper and later the planar launch can
     # start while it runs (programmatic dependent launch): the two write different partials.
-    overlap = overlap_launches(lay, device)
     if lay.planar_words:
         _attn_split_kernel[(bh, 1, q_blocks)](
             *args, **meta, FP_PART=True, PDL=overlap, num_warps=fp_warps, num_stages=fp_stages
