@@ -122,6 +122,15 @@ def strong_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def register_baselines() -> None:
+    """Register ``strong_attention`` as transformers' attention ``"strong_sdpa"``, with sdpa's mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("strong_sdpa", strong_attention)
+    AttentionMaskInterface.register("strong_sdpa", sdpa_mask)  # the mask sdpa gets (none without this)
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     src = torch.randn(2**29, device="cuda", dtype=torch.float32)  # 2 GiB
@@ -354,11 +363,7 @@ def main() -> None:
     if args.repeats < 1 or args.new_tokens < 4:
         parser.error("--repeats must be at least 1 and --new-tokens at least 4 (a step is timed per token)")
 
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register("strong_sdpa", strong_attention)
-    AttentionMaskInterface.register("strong_sdpa", sdpa_mask)  # the mask sdpa gets (none without this)
+    register_baselines()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     bandwidth = copy_bandwidth()

@@ -20,11 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def registered():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register("strong_sdpa", e2e.strong_attention)
-    AttentionMaskInterface.register("strong_sdpa", sdpa_mask)
+    e2e.register_baselines()
 
 
 def _chunked_logits(model, ids, chunks):
@@ -92,3 +88,24 @@ def test_gpu_state_names_the_clock_limits():
     state = {"sm_mhz": 1755, "mem_mhz": 3201, "temp_c": 61, "power_w": 612.4, "limits": ["power_cap"]}
     assert describe(state) == "1755 MHz, 61 C, 612 W [power_cap]"
     assert describe(None) == "no NVML"
+
+
+def test_compile_profile_timer_counts_outer_calls_once():
+    """``bench/compile_profile.py``'s timer adds each outermost call's seconds to its key; a nested call
+    of the same wrapped function (``compile_fx`` calls itself) is not counted twice."""
+    import compile_profile
+
+    class Compiler:
+        def run(self, name, depth):
+            if depth:
+                self.run(name, depth - 1)
+            return name
+
+    totals = {}
+    compile_profile._timed(Compiler, "run", totals, lambda self, name, depth: name)
+    compiler = Compiler()
+    assert compiler.run("a", 3) == "a"
+    compiler.run("a", 0)
+    compiler.run("b", 1)
+    assert {name: count for name, (count, _) in totals.items()} == {"a": 2, "b": 1}
+    assert all(seconds > 0 for _, seconds in totals.values())

@@ -1,0 +1,147 @@
+"""Where the first call's time goes: Dynamo, Inductor, the mixkvq passes and each Triton kernel's JIT.
+
+    python3 bench/compile_profile.py --method kivi2            # one method per process (cold caches)
+    for m in strong kivi2 mixkvq; do python3 bench/compile_profile.py --method $m; done
+
+Builds ``bench/e2e.py``'s Llama-3-8B-shaped model and times one first ``generate()`` (chunked prefill
+of ``--context`` tokens in ``--prefill-chunk`` chunks, then ``--new-tokens`` greedy tokens), as the
+"first call" of ``e2e.py``. With ``--cold`` (default) the Triton and Inductor caches of the process are
+fresh temporary folders, as on a new machine. Prints:
+- the first call's seconds;
+- Dynamo's and Inductor's phases (``torch._dynamo.utils.compilation_time_metrics``, the
+  ten longest), the graphs compiled and the
+  recompiles (a line each, with the guard that failed);
+- seconds in ``PassManager`` (the mixkvq passes) and in ``compile_fx`` for the mixkvq methods;
+- per Triton ``@triton.jit`` kernel run in this process, the variants compiled and their seconds
+  (``JITFunction._do_compile``: a compile, or a load from the disk cache). Inductor's own generated
+  kernels compile in its worker processes and are not listed; their time is inside ``compile_fx``.
+Times overlap (a Triton JIT of a mixkvq kernel inside a CUDA-graph warm-up inside ``compile_fx``, say),
+so they do not add up to the first call. With ``$OUT`` set, the numbers also go to
+``$OUT/compile_<method>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def _timed(owner, name: str, totals: dict, key_of) -> None:
+    """Replace ``owner.name`` by a wrapper that adds each call's seconds to ``totals[key_of(*args)]``
+    (``[count, seconds]``); nested calls of the same wrapper count once."""
+    original = getattr(owner, name)
+    depth = [0]
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        depth[0] += 1
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                entry = totals.setdefault(key_of(*args, **kwargs), [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - started
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--method", required=True, help="strong, hf, kivi2, mixkvq (bench/e2e.py's methods)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--warm", action="store_true", help="keep the machine's Triton and Inductor caches")
+    args = parser.parse_args()
+    if not args.warm:  # before torch and triton read them
+        root = tempfile.mkdtemp(prefix="mixkvq-compile-")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+
+    import torch
+    import triton.runtime.jit as triton_jit
+    from torch._inductor import compile_fx
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import e2e
+
+    from mixkvq_compile import backend as mixkvq_backend
+    from mixkvq_compile.passes import PassManager
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/compile_profile.py needs a CUDA GPU")
+    torch._logging.set_logs(recompiles=True)
+    jit: dict = {}
+    _timed(triton_jit.JITFunction, "_do_compile", jit, lambda self, *a, **k: self.fn.__name__)
+    phases: dict = {}
+    _timed(PassManager, "__call__", phases, lambda *a, **k: "mixkvq passes")
+    # The backend calls compile_fx through its module attribute, imported inside _compile.
+    _timed(
+        compile_fx, "compile_fx", phases, lambda *a, **k: "compile_fx (Inductor, incl. CUDA-graph warm-up)"
+    )
+    assert mixkvq_backend  # the backend module reads compile_fx at call time
+
+    e2e.register_baselines()
+    torch.manual_seed(0)
+    model = e2e.llama3_8b(args.layers)
+    e2e.set_method(model, args.method)
+    ids = torch.randint(0, 128256, (args.batch, args.context), device="cuda")
+    cache = None
+    if args.prefill_chunk:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=args.context + args.new_tokens)
+    seconds, _ = e2e.timed_generate(model, ids, args.new_tokens, cache, args.prefill_chunk)
+    prefill_s, _ = e2e.timed_generate(model, ids, 1, cache, args.prefill_chunk)  # compiled by now
+
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    report = {
+        "method": args.method,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "context": args.context,
+        "cold_caches": not args.warm,
+        "first_call_s": seconds,
+        "second_prefill_and_token_s": prefill_s,
+        "graphs": counters["stats"]["unique_graphs"],
+        "dynamo_phases_s": {k: float(sum(v)) for k, v in compilation_time_metrics.items()},
+        "phases": {k: {"calls": n, "s": s} for k, (n, s) in phases.items()},
+        "triton_jit": {
+            k: {"variants": n, "s": s} for k, (n, s) in sorted(jit.items(), key=lambda kv: -kv[1][1])
+        },
+    }
+    print(
+        f"\n{args.method}: first call {seconds:.1f} s (again, compiled: {prefill_s:.1f} s); "
+        f"{report['graphs']} graphs; {report['device']}, torch {report['torch']}"
+    )
+    for name, value in sorted(report["dynamo_phases_s"].items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  dynamo/inductor {name:<48} {value:8.2f} s")
+    for name, entry in report["phases"].items():
+        print(f"  {name:<64} {entry['s']:8.2f} s ({entry['calls']} calls)")
+    total = collections.Counter()
+    for name, entry in report["triton_jit"].items():
+        total["s"] += entry["s"]
+        print(f"  triton jit {name:<53} {entry['s']:8.2f} s ({entry['variants']} variants)")
+    print(f"  triton jit, all kernels of this process{'':<25} {total['s']:8.2f} s")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"compile_{args.method}.json"), "w") as handle:
+            json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
