@@ -13,8 +13,9 @@ fresh temporary folders, as on a new machine. Prints:
   recompiles (a line each, with the guard that failed);
 - seconds in ``PassManager`` (the mixkvq passes) and in ``compile_fx`` for the mixkvq methods;
 - per Triton ``@triton.jit`` kernel run in this process, the variants compiled and their seconds
-  (``JITFunction._do_compile``: a compile, or a load from the disk cache). Inductor's own generated
-  kernels compile in its worker processes and are not listed; their time is inside ``compile_fx``.
+  (``JITFunction._do_compile``: a compile, or a load from the disk cache), and the seconds of each
+  compile stage over them (``make_cubin`` runs ptxas). Inductor's own generated kernels compile in
+  its worker processes and are not listed; their time is inside ``compile_fx``.
 Times overlap (a Triton JIT of a mixkvq kernel inside a CUDA-graph warm-up inside ``compile_fx``, say),
 so they do not add up to the first call. With ``$OUT`` set, the numbers also go to
 ``$OUT/compile_<method>.json``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import inspect
 import json
 import os
 import sys
@@ -33,8 +35,9 @@ import time
 
 
 def _timed(owner, name: str, totals: dict, key_of) -> None:
-    """Replace ``owner.name`` by a wrapper that adds each call's seconds to ``totals[key_of(*args)]``
-    (``[count, seconds]``); nested calls of the same wrapper count once."""
+    """Replace ``owner.name`` (a function, method or static method) by a wrapper that adds each call's
+    seconds to ``totals[key_of(*args)]`` (``[count, seconds]``); nested calls of the same wrapper count
+    once."""
     original = getattr(owner, name)
     depth = [0]
 
@@ -51,7 +54,8 @@ def _timed(owner, name: str, totals: dict, key_of) -> None:
                 entry[0] += 1
                 entry[1] += time.perf_counter() - started
 
-    setattr(owner, name, wrapper)
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+    setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
 def main() -> None:
@@ -86,6 +90,12 @@ def main() -> None:
     torch._logging.set_logs(recompiles=True)
     jit: dict = {}
     _timed(triton_jit.JITFunction, "_do_compile", jit, lambda self, *a, **k: self.fn.__name__)
+    # Triton's compile stages (main process: our kernels; Inductor compiles its own in worker processes).
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    stages: dict = {}
+    for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
+        _timed(CUDABackend, stage, stages, lambda *a, _stage=stage, **k: _stage)
     phases: dict = {}
     _timed(PassManager, "__call__", phases, lambda *a, **k: "mixkvq passes")
     # The backend calls compile_fx through its module attribute, imported inside _compile.
@@ -121,6 +131,7 @@ def main() -> None:
         "graphs": counters["stats"]["unique_graphs"],
         "dynamo_phases_s": {k: float(sum(v)) for k, v in compilation_time_metrics.items()},
         "phases": {k: {"calls": n, "s": s} for k, (n, s) in phases.items()},
+        "triton_stages": {k: {"calls": n, "s": s} for k, (n, s) in stages.items()},
         "triton_jit": {
             k: {"variants": n, "s": s} for k, (n, s) in sorted(jit.items(), key=lambda kv: -kv[1][1])
         },
@@ -138,6 +149,8 @@ def main() -> None:
         total["s"] += entry["s"]
         print(f"  triton jit {name:<53} {entry['s']:8.2f} s ({entry['variants']} variants)")
     print(f"  triton jit, all kernels of this process{'':<25} {total['s']:8.2f} s")
+    for name, entry in report["triton_stages"].items():  # make_cubin runs ptxas
+        print(f"  triton stage {name:<51} {entry['s']:8.2f} s ({entry['calls']} calls)")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"compile_{args.method}.json"), "w") as handle:
             json.dump(report, handle, indent=1)

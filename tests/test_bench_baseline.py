@@ -92,7 +92,8 @@ def test_gpu_state_names_the_clock_limits():
 
 def test_compile_profile_timer_counts_outer_calls_once():
     """``bench/compile_profile.py``'s timer adds each outermost call's seconds to its key; a nested call
-    of the same wrapped function (``compile_fx`` calls itself) is not counted twice."""
+    of the same wrapped function (``compile_fx`` calls itself) is not counted twice; a static method
+    (Triton's ``make_ttir``) stays one."""
     import compile_profile
 
     class Compiler:
@@ -101,11 +102,17 @@ def test_compile_profile_timer_counts_outer_calls_once():
                 self.run(name, depth - 1)
             return name
 
+        @staticmethod
+        def stage(name):
+            return name * 2
+
     totals = {}
     compile_profile._timed(Compiler, "run", totals, lambda self, name, depth: name)
     compiler = Compiler()
     assert compiler.run("a", 3) == "a"
     compiler.run("a", 0)
     compiler.run("b", 1)
-    assert {name: count for name, (count, _) in totals.items()} == {"a": 2, "b": 1}
+    compile_profile._timed(Compiler, "stage", totals, lambda name: "stage")
+    assert compiler.stage("c") == Compiler.stage("c") == "cc"  # still a static method
+    assert {name: count for name, (count, _) in totals.items()} == {"a": 2, "b": 1, "stage": 2}
     assert all(seconds > 0 for _, seconds in totals.values())
