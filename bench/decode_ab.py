@@ -5,6 +5,7 @@
     python3 bench/decode_ab.py --shapes 8x32768 --configs mixkvq-default
     python3 bench/decode_ab.py --splits default,1,2,4   # also fewer splits: longer walks per program
     python3 bench/decode_ab.py --pdl 0,1 --fp-stages default,1   # overlapped launches, on and off
+    python3 bench/decode_ab.py --stages default,2,3     # software-pipelining depth of the packed groups
 
 For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16) and each quantization
 setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a CUDA graph, L2
@@ -17,7 +18,8 @@ time printed by each run tells whether the card's speed moved between them. With
 store is also run with the given split counts (``default``: ``decode_attention``'s choice), since the
 error of a program's walk over many groups may grow with its length (it did until session 12: 2.4e-2 at
 8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums in float32, 7.7e-4
-and 7.4e-4). ``--fp-stages`` does the same for the stage count of the full-precision launch, and
+and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the packed-group and the
+full-precision launches, and
 ``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches of ``kernels._runtime.overlap_launches``; an
 older package copy may ignore it).
 """
@@ -88,6 +90,9 @@ def main() -> None:
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
     parser.add_argument(
+        "--stages", default="default", help="comma-separated stage counts of the packed-group launch"
+    )
+    parser.add_argument(
         "--fp-stages", default="default", help="comma-separated stage counts of the full-precision launch"
     )
     parser.add_argument(
@@ -95,6 +100,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     splits = counts(parser, "--splits", args.splits)
+    loop_stages = counts(parser, "--stages", args.stages)
     fp_stages = counts(parser, "--fp-stages", args.fp_stages)
     pdl = args.pdl.split(",")
     if set(pdl) - {"default", "0", "1"}:
@@ -107,7 +113,8 @@ def main() -> None:
         f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; GPU {describe(gpu_state())}"
     )
-    columns = ("shape", 9), ("config", 15), ("splits", 7), ("fp st", 7), ("pdl", 7), ("ours ms", 8)
+    columns = ("shape", 9), ("config", 15), ("splits", 7), ("stages", 7), ("fp st", 7), ("pdl", 7)
+    columns += (("ours ms", 8),)
     columns += ("cudnn ms", 8), ("x cudnn", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
@@ -125,12 +132,12 @@ def main() -> None:
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx)
             packed = store.layout.flushed_groups(ctx)
-            for n_splits, stages, flag in itertools.product(splits, fp_stages, pdl):
+            for n_splits, stages, fp, flag in itertools.product(splits, loop_stages, fp_stages, pdl):
                 set_pdl(flag)
-                kw = {"packed": packed, "num_splits": n_splits, "fp_stages": stages}
+                kw = {"packed": packed, "num_splits": n_splits, "num_stages": stages, "fp_stages": fp}
                 err = relative_error(decode_attention(q, store, ctx, **kw), q, store, ctx)
                 ours = bench_graph(lambda s=store, q=q, n=ctx, kw=kw: decode_attention(q, s, n, **kw))
-                labels = ("default" if n is None else str(n) for n in (n_splits, stages))
+                labels = ("default" if n is None else str(n) for n in (n_splits, stages, fp))
                 print(
                     f"{shape:>9} {name:>15} {' '.join(f'{x:>7}' for x in labels)} {flag:>7} {ours:8.4f} "
                     f"{base:8.4f} {base / ours:7.2f} {err:8.1e}",
