@@ -31,25 +31,26 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 
 def _timed(owner, name: str, totals: dict, key_of) -> None:
     """Replace ``owner.name`` (a function, method or static method) by a wrapper that adds each call's
-    seconds to ``totals[key_of(*args)]`` (``[count, seconds]``); nested calls of the same wrapper count
-    once."""
+    seconds to ``totals[key_of(*args)]`` (``[count, seconds]``); nested calls of the same wrapper in
+    one thread count once."""
     original = getattr(owner, name)
-    depth = [0]
+    local = threading.local()  # the nesting depth, per thread (a compile may run in another thread)
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        depth[0] += 1
+        local.depth = getattr(local, "depth", 0) + 1
         started = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            depth[0] -= 1
-            if depth[0] == 0:
+            local.depth -= 1
+            if local.depth == 0:
                 entry = totals.setdefault(key_of(*args, **kwargs), [0, 0.0])
                 entry[0] += 1
                 entry[1] += time.perf_counter() - started

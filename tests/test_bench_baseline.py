@@ -93,7 +93,8 @@ def test_gpu_state_names_the_clock_limits():
 def test_compile_profile_timer_counts_outer_calls_once():
     """``bench/compile_profile.py``'s timer adds each outermost call's seconds to its key; a nested call
     of the same wrapped function (``compile_fx`` calls itself) is not counted twice; a static method
-    (Triton's ``make_ttir``) stays one."""
+    (Triton's ``make_ttir``) stays one; a
+    call in another thread counts on its own."""
     import compile_profile
 
     class Compiler:
@@ -115,4 +116,17 @@ def test_compile_profile_timer_counts_outer_calls_once():
     compile_profile._timed(Compiler, "stage", totals, lambda name: "stage")
     assert compiler.stage("c") == Compiler.stage("c") == "cc"  # still a static method
     assert {name: count for name, (count, _) in totals.items()} == {"a": 2, "b": 1, "stage": 2}
+    # A call in another thread while one is open in this thread counts on its own.
+    import threading
+
+    class Pool:
+        def run(self, name):
+            if name == "outer":
+                worker = threading.Thread(target=self.run, args=("inner",))
+                worker.start()
+                worker.join()
+
+    compile_profile._timed(Pool, "run", totals, lambda self, name: name)
+    Pool().run("outer")
+    assert totals["outer"][0] == totals["inner"][0] == 1
     assert all(seconds > 0 for _, seconds in totals.values())
