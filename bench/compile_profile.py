@@ -14,8 +14,9 @@ fresh temporary folders, as on a new machine. Prints:
 - seconds in ``PassManager`` (the mixkvq passes) and in ``compile_fx`` for the mixkvq methods;
 - per Triton ``@triton.jit`` kernel run in this process, the variants compiled and their seconds
   (``JITFunction._do_compile``: a compile, or a load from the disk cache), and the seconds of each
-  compile stage over them (``make_cubin`` runs ptxas). Inductor's own generated kernels compile in
-  its worker processes and are not listed; their time is inside ``compile_fx``.
+  compile stage over them (``make_cubin`` runs ptxas), and of building their C launchers with the
+  host compiler (at a kernel's first launch, not in ``_do_compile``). Inductor's own generated kernels
+  compile in its worker processes and are not listed; their time is inside ``compile_fx``.
 Each line is timed on its own and some nest (Dynamo's phases contain ``compile_fx``, whose Inductor may
 run mixkvq code), so they need not add up to the first call, which also holds the prefill and the
 decode steps. With ``$OUT`` set, the numbers also go to ``$OUT/compile_<method>.json``.
@@ -96,6 +97,11 @@ def main() -> None:
     stages: dict = {}
     for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
         _timed(CUDABackend, stage, stages, lambda *a, _stage=stage, **k: _stage)
+    # Each kernel signature's C launcher, built with the host compiler at the first launch, outside
+    # _do_compile (Triton 3.6: driver.CudaLauncher; 0.2 s for the planar kernel's on this CPU machine).
+    from triton.backends.nvidia import driver as cuda_driver
+
+    _timed(cuda_driver.CudaLauncher, "__init__", stages, lambda *a, **k: "C launchers (cc)")
     phases: dict = {}
     _timed(PassManager, "__call__", phases, lambda *a, **k: "mixkvq passes")
     # The mixkvq backend and Dynamo's Inductor backend import compile_fx from its module at each call.
