@@ -18,10 +18,9 @@ time printed by each run tells whether the card's speed moved between them. With
 store is also run with the given split counts (``default``: ``decode_attention``'s choice), since the
 error of a program's walk over many groups may grow with its length (it did until session 12: 2.4e-2 at
 8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums in float32, 7.7e-4
-and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the packed-group and the
-full-precision launches, and
-``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches of ``kernels._runtime.overlap_launches``; an
-older package copy may ignore it).
+and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the packed-group and
+the full-precision launches, and ``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches of
+``kernels._runtime.overlap_launches``; an older package copy may ignore it).
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ def main() -> None:
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; GPU {describe(gpu_state())}"
     )
     columns = ("shape", 9), ("config", 15), ("splits", 7), ("stages", 7), ("fp st", 7), ("pdl", 7)
-    columns += (("ours ms", 8),)
-    columns += ("cudnn ms", 8), ("x cudnn", 7)
+    columns += ("ours ms", 8), ("cudnn ms", 8), ("x cudnn", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))

@@ -632,7 +632,7 @@ def combine_partials(
         BLOCK_D=block_d,
         PDL=overlap,
         num_warps=4,
-        **({"launch_pdl": True} if overlap else {}),
+        launch_pdl=overlap,
     )
 
 
@@ -950,7 +950,7 @@ def decode_attention(
             # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
             num_stages=num_stages or (2 if lay.planar_mixed else 3),
             PDL=overlap,
-            **({"launch_pdl": True} if overlap else {}),
+            launch_pdl=overlap,
         )
     elif num_splits:
         _attn_split_kernel[(bh, num_splits, q_blocks)](

@@ -591,7 +591,7 @@ def _launch_store_groups(
         PLANAR_MIXED=lay.planar_mixed,
         PDL=overlap,
         num_warps=4,
-        **({"launch_pdl": True} if overlap else {}),
+        launch_pdl=overlap,
     )
 
 
@@ -841,7 +841,7 @@ def write_tokens(
         N_REP=0 if query is None else query.shape[1] // lay.heads,
         PDL=overlap,
         num_warps=4,
-        **({"launch_pdl": True} if overlap else {}),
+        launch_pdl=overlap,
     )
 
 
