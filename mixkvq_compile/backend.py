@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import prewarm
 from .config import MixKVQConfig
 from .ops import is_device_step, kernels_disabled
 from .passes import PassManager
@@ -76,13 +77,20 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, config: MixKVQConfi
     elif config.cuda_graphs and _attends_on_cuda(gm):
         patches["triton.cudagraphs"] = True
         mark_static_inputs(gm)
+    # A one-token decode graph on the kernels: its Triton kernels compile while Inductor compiles it.
+    warm = (
+        prewarm.start(gm, example_inputs)
+        if reason is None and _attends_on_cuda(gm) and prewarm.enabled()
+        else None
+    )
     log.debug(
         "mixkvq: graph of %d nodes compiled with CUDA graphs %s%s",
         len(gm.graph.nodes),
         "on" if patches.get("triton.cudagraphs") else "off",
         f" ({reason})" if reason else "",
     )
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    return compiled if warm is None else prewarm.join_before_first_call(compiled, warm)
 
 
 def runs_eager(gm: torch.fx.GraphModule, config: MixKVQConfig) -> bool:

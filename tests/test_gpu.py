@@ -113,3 +113,39 @@ def test_sliding_window_layer_next_to_a_full_layer():
     reference = teacher_forced_logits(eager_forward, tokens, mask, 60)
     assert mean_kl(reference, logits) < 2e-2
     assert not torch.allclose(logits, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["kivi2", "mixkvq"])
+def test_prewarm_runs_on_the_gpu_and_changes_no_token(preset, monkeypatch, caplog):
+    """The decode kernels are run once in the prewarm thread while Inductor compiles the decode graph
+    (``prewarm``), without a logged failure, and the tokens and logits of a compiled generate() under
+    CUDA graphs equal, bit for bit, those with ``MIXKVQ_PREWARM=0``."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from mixkvq_compile.kernels import decode_attention as module
+
+    attend = module.decode_attention
+    threads = []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(module, "decode_attention", spy)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MIXKVQ_PREWARM", flag)
+        threads.clear()
+        torch._dynamo.reset()
+        cudagraph_trees.reset_cudagraph_trees()
+        model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
+        ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
+        model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": preset})
+        results.append(generate(model, ids.cuda(), mask.cuda(), NEW))
+        assert ("mixkvq-prewarm" in threads) == (flag == "1"), threads[:4]
+    assert "decode kernels" not in caplog.text and "ahead-of-time" not in caplog.text
+    (tokens, logits), (ref_tokens, ref_logits) = results
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)
