@@ -3,6 +3,7 @@
     python3 bench/sass.py                         # kivi2 and both mixes, float16, default warps, sm_90
     python3 bench/sass.py --configs mixkvq --warps 2,4 --dtype bfloat16
     python3 bench/sass.py --configs kivi2 --top 40      # every opcode of the loop, not the 8 most frequent
+    python3 bench/sass.py --compile-times               # seconds of each Triton compile stage instead
 
 Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel; a stand-in driver
 answers the only question the compiler asks (the target). The kernel is compiled exactly as
@@ -11,7 +12,8 @@ for 32 query heads over 8 KV heads, head_dim 128, groups of 32. For each configu
 the SASS instructions of the largest loop (two packed groups per iteration in the planar kernel),
 per warp and summed over the warps, and the most frequent opcodes: a cheap check of a kernel change
 before spending GPU time (fewer shared-memory round trips, fewer conversions). Counts are static,
-not a timing.
+not a timing. ``--compile-times`` prints instead how long the kernel takes to compile from an empty
+Triton cache, per compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU even where none is present
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -136,6 +139,28 @@ def largest_loop(sass: str) -> collections.Counter:
     return counts
 
 
+def print_compile_times(configs: list[str], dtype: torch.dtype, warps: list, arch: int) -> None:
+    """Each configuration's packed-group kernel compiled from an empty Triton cache (a new folder per
+    compile): the seconds of the whole compile and of each stage."""
+    from compile_profile import _timed
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    stages: dict = {}
+    for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
+        _timed(CUDABackend, stage, stages, lambda *a, _stage=stage, **k: _stage)
+    print(f"triton {triton.__version__}, sm_{arch}, {dtype}; seconds to compile the packed-group kernel")
+    for name in configs:
+        for w in warps:
+            stages.clear()
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TRITON_CACHE_DIR"] = cache  # read at each compile (Triton 3.6 and 3.9)
+                started = time.perf_counter()
+                compile_packed_loop(CONFIGS[name], dtype, w)
+                total = time.perf_counter() - started
+            parts = ", ".join(f"{stage} {seconds:.2f}" for stage, (_, seconds) in stages.items())
+            print(f"{name:>14} warps {w or 'default'}: {total:.2f} s ({parts})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,9 +170,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
     parser.add_argument("--top", type=int, default=8, help="how many of the most frequent opcodes to print")
+    parser.add_argument(
+        "--compile-times", action="store_true", help="seconds per compile stage (empty cache), not SASS"
+    )
     args = parser.parse_args()
     driver.set_active(TargetOnlyDriver(args.arch))
     warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
+    if args.compile_times:
+        print_compile_times(args.configs.split(","), getattr(torch, args.dtype), warps, args.arch)
+        return
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; "
         "SASS instructions per iteration of the packed-group loop"
