@@ -13,8 +13,9 @@ allocated outside the compiled graph is reported and left untouched.
 Supported shapes (``check_site``): model dtype float16/bfloat16/float32; head_dim a power of two in
 ``SUPPORTED_HEAD_DIMS`` (what the Triton kernels take: powers of two >= 8; we require >= 16 so value
 groups fit) and divisible by ``value_group_size`` when values are quantized; a sliding-window layer
-at least as long as its full-precision ring (``residual_length + group_size`` tokens). Anything else
-keeps its eager (unquantized) attention, with a warning naming the reason.
+at least as long as its full-precision ring (``residual_length + group_size`` tokens); cache buffers
+of static shape (the store is sized when the graph compiles). Anything else keeps its eager
+(unquantized) attention, with a warning naming the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def check_site(site: AttentionSite, config: MixKVQConfig | None = None) -> str |
     new_meta = fake_tensor(site.new_key)
     if key_meta is None or value_meta is None or query_meta is None:
         return "no shape metadata on the cache buffers or the query"
+    if not (_static_shape(key_meta) and _static_shape(value_meta)):
+        return (
+            f"cache buffers of symbolic shape {tuple(key_meta.shape)} (torch.compile(dynamic=True), or a "
+            "batch or cache length marked dynamic): mixkvq sizes its store when it compiles; compile "
+            "without dynamic=True"
+        )
     if key_meta.dim() != 4 or value_meta.dim() != 4:
         return f"cache buffers are not [B, H, L, D] (got {tuple(key_meta.shape)})"
     if key_meta.dtype not in SUPPORTED_DTYPES or query_meta.dtype != key_meta.dtype:
@@ -149,6 +156,11 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, layout: StoreLayout) -> N
         for old, new in ((site.key_buffer, key_handle), (site.value_buffer, value_handle)):
             old.replace_all_uses_with(new)
             graph.erase_node(old)
+
+
+def _static_shape(meta: torch.Tensor) -> bool:
+    """Whether ``meta``'s sizes and strides are all plain ints (not symbols of a dynamic graph)."""
+    return all(type(n) is int for n in (*meta.shape, *meta.stride()))
 
 
 def fake_tensor(node):
