@@ -130,3 +130,28 @@ def test_compile_profile_timer_counts_outer_calls_once():
     Pool().run("outer")
     assert totals["outer"][0] == totals["inner"][0] == 1
     assert all(seconds > 0 for _, seconds in totals.values())
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_channel_blocks_reuse_each_block_s_first_order(block):
+    """``bench/channel_blocks_eval.py``'s patch: with blocks of 4 groups, a block's later groups store
+    the order of its first group, also when they are flushed by a later call through a fresh view of
+    the store (as the custom op opens one per call); block 1 leaves the per-group choice. Random keys
+    make equal orders of consecutive groups unlikely without the patch (checked by block 1)."""
+    from channel_blocks_eval import channel_blocks
+
+    from mixkvq_compile.config import PRESETS
+    from mixkvq_compile.store import KVStore, StoreLayout, allocate
+
+    torch.manual_seed(0)
+    layout = StoreLayout.create(PRESETS["mixkvq"], 1, 2, 1024, 64, 64, torch.float32)
+    handles = allocate(layout, "cpu")
+    with channel_blocks(block):
+        for start in range(0, 1024, 64):  # two groups flush per chunk once the window is full
+            KVStore.open(layout, *handles).append(torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64), start)
+    store = KVStore.open(layout, *handles)
+    order = store.keys["order"][:, :, : store.packed_groups]
+    assert order.shape[2] == 28
+    for group in range(1, order.shape[2]):
+        same = torch.equal(order[:, :, group], order[:, :, group - 1])
+        assert same == (block > 1 and group % block != 0), group
