@@ -160,7 +160,7 @@ def main() -> None:
     for name, entry in report["first_call_triton_jit"].items():
         total["s"] += entry["s"]
         print(f"  triton jit {name:<53} {entry['s']:8.2f} s ({entry['variants']} variants)")
-    print(f"  triton jit, all kernels of this process{'':<25} {total['s']:8.2f} s")
+    print(f"  triton jit, all kernels (first call){'':<28} {total['s']:8.2f} s")
     for name, entry in report["first_call_triton_stages"].items():  # make_cubin runs ptxas
         print(f"  triton stage {name:<51} {entry['s']:8.2f} s ({entry['calls']} calls)")
     if os.environ.get("OUT"):
