@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--warm", action="store_true", help="keep the machine's Triton and Inductor caches")
+    parser.add_argument(
+        "--copy-chunks",
+        action="store_true",
+        help="prompt chunks as copies, not views (e2e.prefill_in_chunks)",
+    )
     args = parser.parse_args()
     if not args.warm:  # before torch and triton read them
         root = tempfile.mkdtemp(prefix="mixkvq-compile-")
@@ -121,7 +126,9 @@ def main() -> None:
         cache = StaticCache(config=model.config, max_cache_len=args.context + args.new_tokens)
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    seconds, _ = e2e.timed_generate(model, ids, args.new_tokens, cache, args.prefill_chunk)
+    seconds, _ = e2e.timed_generate(
+        model, ids, args.new_tokens, cache, args.prefill_chunk, copy_chunks=args.copy_chunks
+    )
     graphs = counters["stats"]["unique_graphs"]
     # Everything below the two call times is the first call's; the second call is timed as a whole.
     report = {
@@ -131,6 +138,7 @@ def main() -> None:
         "batch": args.batch,
         "context": args.context,
         "cold_caches": not args.warm,
+        "copy_chunks": args.copy_chunks,
         "first_call_s": seconds,
         "first_call_graphs": graphs,
         "first_call_dynamo_phases_s": {k: float(sum(v)) for k, v in compilation_time_metrics.items()},
@@ -141,7 +149,9 @@ def main() -> None:
         },
     }
     # A second generate() on the same cache (prefill and one token): what is still traced or compiled.
-    report["second_call_s"], _ = e2e.timed_generate(model, ids, 1, cache, args.prefill_chunk)
+    report["second_call_s"], _ = e2e.timed_generate(
+        model, ids, 1, cache, args.prefill_chunk, copy_chunks=args.copy_chunks
+    )
     report["second_call_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
     report["second_call_tracing_s"] = float(sum(compilation_time_metrics.get("bytecode_tracing", []))) - (
         report["first_call_dynamo_phases_s"].get("bytecode_tracing", 0.0)

@@ -149,16 +149,18 @@ def copy_bandwidth() -> float:
     return 2 * 2**31 / seconds
 
 
-def prefill_in_chunks(model, ids, cache, chunk: int):
+def prefill_in_chunks(model, ids, cache, chunk: int, copy_chunks: bool = False):
     """Write all prompt tokens but the last into ``cache`` (a reset StaticCache), ``chunk`` tokens per
     forward, as a serving engine's chunked prefill does (one forward over 8 x 32k tokens materializes a
-    [8, 1, 32k, 32k] mask and runs out of memory in the fp16 baselines)."""
+    [8, 1, 32k, 32k] mask and runs out of memory in the fp16 baselines). The chunks are views of
+    ``ids``; ``copy_chunks``: copies (storage offset 0), with which a compiled forward's second call
+    traces no graph for its first chunk (``docs/performance.md``, session 15)."""
     cache.reset()
     with torch.no_grad():
         for start in range(0, ids.shape[1] - 1, chunk):
             end = min(start + chunk, ids.shape[1] - 1)
             model(
-                input_ids=ids[:, start:end],
+                input_ids=ids[:, start:end].clone() if copy_chunks else ids[:, start:end],
                 past_key_values=cache,
                 cache_position=torch.arange(start, end, device=ids.device),
                 use_cache=True,
@@ -166,14 +168,17 @@ def prefill_in_chunks(model, ids, cache, chunk: int):
             )
 
 
-def timed_generate(model, ids, new_tokens: int, cache=None, chunk: int = 0, logits_processor=None):
+def timed_generate(
+    model, ids, new_tokens: int, cache=None, chunk: int = 0, logits_processor=None, copy_chunks: bool = False
+):
     """Seconds for a prefill plus ``new_tokens`` greedy tokens; the prompt goes in one forward inside
-    generate(), or (``chunk`` > 0) in chunks into ``cache`` before generate() continues from it."""
+    generate(), or (``chunk`` > 0) in chunks into ``cache`` before generate() continues from it
+    (``copy_chunks``: see ``prefill_in_chunks``)."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     kwargs = {"cache_implementation": "static"}
     if chunk:
-        prefill_in_chunks(model, ids, cache, chunk)
+        prefill_in_chunks(model, ids, cache, chunk, copy_chunks)
         kwargs = {"past_key_values": cache}
     out = model.generate(
         ids,

@@ -155,3 +155,28 @@ def test_channel_blocks_reuse_each_block_s_first_order(block):
     for group in range(1, order.shape[2]):
         same = torch.equal(order[:, :, group], order[:, :, group - 1])
         assert same == (block > 1 and group % block != 0), group
+
+
+@pytest.mark.parametrize("copy_chunks", [False, True])
+def test_copied_prompt_chunks_trace_no_graph_in_a_second_call(copy_chunks):
+    """``e2e.prefill_in_chunks(copy_chunks=True)``: a second chunked prefill through the mixkvq-compiled
+    forward traces no new graph (``docs/performance.md``, session 15; README). With views of the prompt
+    it traces one more (the first chunk again: its storage offset 0 fails the later chunk's guard,
+    offset >= 2; seen with torch 2.11 on an H200 and 2.13 here). If Dynamo stops doing that, this test
+    fails and the README's advice can go."""
+    from torch._dynamo.utils import counters
+
+    from tests import families
+
+    torch._dynamo.reset()
+    model = families.llama(layers=2)
+    model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": "kivi2"})
+    ids = torch.randint(3, families.VOCAB, (1, 512))  # chunks of 256 and 255 tokens, as e2e's 4096 + 4095
+    cache = transformers.StaticCache(config=model.config, max_cache_len=512)
+    graphs = counters["stats"]["unique_graphs"]
+    e2e.prefill_in_chunks(model, ids, cache, 256, copy_chunks=copy_chunks)
+    first = counters["stats"]["unique_graphs"] - graphs
+    e2e.prefill_in_chunks(model, ids, cache, 256, copy_chunks=copy_chunks)
+    again = counters["stats"]["unique_graphs"] - graphs - first
+    assert first == 2  # the chunk that allocates the store, and the later one
+    assert again == (0 if copy_chunks else 1)
