@@ -62,6 +62,15 @@ def _timed(owner, name: str, totals: dict, key_of) -> None:
     setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
+def time_triton_stages(totals: dict) -> None:
+    """Time each compile stage of Triton's CUDA backend (``make_ttir`` .. ``make_cubin``, which runs
+    ptxas) into ``totals``, keyed by the stage's name (``_timed``)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
+        _timed(CUDABackend, stage, totals, lambda *a, _stage=stage, **k: _stage)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,11 +108,8 @@ def main() -> None:
     jit: dict = {}
     _timed(triton_jit.JITFunction, "_do_compile", jit, lambda self, *a, **k: self.fn.__name__)
     # Triton's compile stages (main process: our kernels; Inductor compiles its own in worker processes).
-    from triton.backends.nvidia.compiler import CUDABackend
-
     stages: dict = {}
-    for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
-        _timed(CUDABackend, stage, stages, lambda *a, _stage=stage, **k: _stage)
+    time_triton_stages(stages)
     # Each kernel signature's C launcher, built with the host compiler at the first launch, outside
     # _do_compile (Triton 3.6: driver.CudaLauncher; 0.2 s for the planar kernel's on this CPU machine).
     from triton.backends.nvidia import driver as cuda_driver

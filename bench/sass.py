@@ -142,12 +142,10 @@ def largest_loop(sass: str) -> collections.Counter:
 def print_compile_times(configs: list[str], dtype: torch.dtype, warps: list, arch: int) -> None:
     """Each configuration's packed-group kernel compiled from an empty Triton cache (a new folder per
     compile): the seconds of the whole compile and of each stage."""
-    from compile_profile import _timed
-    from triton.backends.nvidia.compiler import CUDABackend
+    from compile_profile import time_triton_stages
 
     stages: dict = {}
-    for stage in ("make_ttir", "make_ttgir", "make_llir", "make_ptx", "make_cubin"):
-        _timed(CUDABackend, stage, stages, lambda *a, _stage=stage, **k: _stage)
+    time_triton_stages(stages)
     print(f"triton {triton.__version__}, sm_{arch}, {dtype}; seconds to compile the packed-group kernel")
     for name in configs:
         for w in warps:
