@@ -27,8 +27,6 @@ from .store import KVStore, StoreLayout
 
 log = logging.getLogger("mixkvq_compile")
 
-_KV_ATTENTION_TENSORS = (0, 1, 2, 3, 4, 5, 6)  # query, key, value, positions, two handles, mask
-
 
 def decode_calls(gm: torch.fx.GraphModule, example_inputs: list) -> list[dict]:
     """The distinct ``decode_attention`` calls of the one-token ``mixkvq::kv_attention`` ops in ``gm``:
@@ -42,7 +40,7 @@ def decode_calls(gm: torch.fx.GraphModule, example_inputs: list) -> list[dict]:
         args = list(node.args)
         if any(arg not in placeholders for arg in args[4:6]):
             continue
-        metas = [fake_tensor(arg) for arg in args[:7]]
+        metas = [fake_tensor(arg) for arg in args[:7]]  # query, key, value, positions, two handles, mask
         if any(meta is None for meta in metas[:4]):  # query, key, value, positions: tensors in a step
             continue
         key = (args[7], args[8], args[10]) + tuple(
@@ -52,13 +50,13 @@ def decode_calls(gm: torch.fx.GraphModule, example_inputs: list) -> list[dict]:
             continue
         seen.add(key)
         tensors = []
-        for i in _KV_ATTENTION_TENSORS:
+        for i, meta in enumerate(metas):
             if i in (4, 5):
                 tensors.append(example_inputs[placeholders[args[i]]])
-            elif metas[i] is None:
+            elif meta is None:
                 tensors.append(None)
             else:
-                tensors.append(_stand_in(metas[i]))
+                tensors.append(_stand_in(meta))
         query, key_new, value_new, positions, key_handle, value_handle, mask = tensors
         store = KVStore.open(StoreLayout.from_key(args[10]), key_handle, value_handle)
         calls.append(
