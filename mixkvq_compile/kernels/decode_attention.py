@@ -29,6 +29,7 @@ then the combine. Where ``_runtime.overlap_launches`` says so (compute capabilit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -664,21 +665,31 @@ def _length_arg(length: int | torch.Tensor, device: torch.device) -> tuple[torch
     return None, length, False
 
 
+@functools.lru_cache(maxsize=1024)
 def split_count(programs: int, slots: int, limit: int) -> int:
     """Splits over the packed groups for a grid of ``programs`` (KV heads x query blocks) on a device
-    that keeps ``slots`` programs resident: the fewest, from ``slots // programs`` up, whose programs
-    fill at least 90% of the waves they take, at most ``limit`` (and at least 1).
+    that keeps ``slots`` programs resident: the fewest, from ``slots // programs`` up to ``limit``, whose
+    programs fill at least 95% of the waves they take; if none does, the one that fills the most (the
+    most splits of those, so ``limit`` where all fill alike); at least 1.
 
     Each program's time is set by its groups, so a grid that leaves slots empty leaves SMs idle: at
     batch 112 (896 KV heads) on an H200 (8 x 132 slots) one split fills 85% of the device, 7 fill 99%.
+    At batch 120 (960 KV heads) one split fills 91% and 11 fill 100%; the 90% threshold used before
+    took one split there, and the MixKVQ default's decode step grew 19% from 112 to 120 rows
+    (``docs/performance.md``, session 15).
     """
-    splits = max(1, slots // programs)
-    while splits < limit:
+    lo = max(1, slots // programs)
+    if lo >= limit:
+        return max(1, min(lo, limit))
+    best, best_fill = lo, 0.0
+    for splits in range(lo, limit + 1):
         waves = -(-programs * splits // slots)
-        if programs * splits >= 0.9 * waves * slots:
-            break
-        splits += 1
-    return max(1, min(splits, limit))
+        fill = programs * splits / (waves * slots)
+        if fill >= 0.95:
+            return splits
+        if fill >= best_fill:
+            best, best_fill = splits, fill
+    return best
 
 
 def decode_attention(
