@@ -180,3 +180,34 @@ def test_copied_prompt_chunks_trace_no_graph_in_a_second_call(copy_chunks):
     again = counters["stats"]["unique_graphs"] - graphs - first
     assert first == 2  # the chunk that allocates the store, and the later one
     assert again == (0 if copy_chunks else 1)
+
+
+def test_ncu_stall_summary_shares_and_predicated_opcodes(tmp_path):
+    """``bench/ncu_stalls.py`` on a small table in ncu's CSV shape: shares per reason and opcode, the
+    predicate stripped from the opcode, instructions by samples; a table without samples is refused."""
+    import ncu_stalls
+
+    header = ["Address", "Source", ncu_stalls.SAMPLES, "Instructions Executed", "stall_long_sb", "stall_wait"]
+    header += ["stall_long_sb (Not Issued)"]
+    rows = [
+        ["0x10", "BAR.SYNC.DEFER_BLOCKING 0x0", "60", "9", "55", "5", "55"],
+        ["0x20", "@!P4  LDG.E.U16 R55, desc[UR22][R82.64]", "30", "9", "3", "27", "3"],
+        ["0x30", "HMMA.16816.F32 R84, R200, R28, R84", "10", "9", "0", "10", "0"],
+    ]
+    path = tmp_path / "sass.csv"
+    path.write_text(
+        '"Kernel Name","planar_split_kernel",\n'
+        + "\n".join(",".join(f'"{c}"' for c in r) for r in [header, *rows])
+    )
+    report = ncu_stalls.read_report(str(path))
+    assert report.total == 100
+    assert report.reasons == {"long_sb": 58, "wait": 42}
+    assert report.opcodes == {"BAR": 60, "LDG": 30, "HMMA": 10}
+    assert [i[1] for i in report.instructions] == ["0x10", "0x20", "0x30"]
+    assert report.instructions[1][3] == {"wait": 27}  # long_sb's 3 of 30 is under a fifth
+    lines = ncu_stalls.describe(report, top=2)
+    assert lines[1] == "reasons: long_sb 58.0%, wait 42.0%" and len(lines) == 5
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"Address","Source","Instructions Executed"\n"0x10","NOP","1"\n')
+    with pytest.raises(ValueError, match="SourceCounters"):
+        ncu_stalls.read_report(str(bad))
