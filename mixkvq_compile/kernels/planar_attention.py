@@ -40,6 +40,16 @@ reasons "selected" and "wait"), so it is written for few instructions per group:
 Static SASS of the loop, per group (Triton 3.6, sm_90, 4 query rows): 769 -> 586 instructions
 against the one-group, 16-row loop; H200 at 8 x 32k: 0.133 -> 0.097 ms.
 
+Each step of two groups first asks the L2 for the next step's bytes (``_prefetch_pair``: one
+``prefetch.global.L2`` per 128-byte line, 4 to 8 per thread). The pipelined copies of a step are
+issued late in the step before it, and with the two stages that mixed tiers afford (255 registers)
+the step's first barrier waited for them (Nsight Compute, H200, MixKVQ's default tiers at 8 x 32k:
+10.5% of the stall samples on that barrier, long scoreboard 27.7% of all against 2.7% for kivi2's
+three stages); the gathers of the query at the tier channels waited on the channel order the same
+way. With the prefetch the copies and gathers find their bytes in the L2: 8 x 32k 0.1758 -> 0.1568 ms,
+1 x 128k 0.0948 -> 0.0810 ms, kivi2 3% faster (``bench/decode_ab.py``, session 16 in
+``docs/performance.md``).
+
 Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE = 1/16`` first so
 that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
 float16 rounding of ``q * s``, ``p`` and ``p * vs`` (relative error about 1e-3, checked against a
@@ -451,6 +461,52 @@ def _low_bits_scores(
 
 
 @triton.jit
+def _prefetch_l2(ptr, first, NBYTES: tl.constexpr):
+    """Ask the L2 for packed groups ``first`` and ``first + 1`` (flat index) of a region of ``NBYTES`` per
+    group at ``ptr``: one ``prefetch.global.L2`` per 128-byte step from their first byte, and one for
+    their last byte where they span 128 bytes or more (a span under 128 bytes that crosses a line gets
+    its first line only). At head_dim 128 at most 17 lines: one instruction per thread of one warp."""
+    SPAN: tl.constexpr = 2 * NBYTES
+    LP: tl.constexpr = triton.next_power_of_2(SPAN // 128 + 1)
+    i = tl.arange(0, LP)
+    addr = ptr.to(tl.pointer_type(tl.int8)) + first * NBYTES + tl.minimum(i * 128, SPAN - 1)
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _prefetch_pair(
+    kc_ptr,
+    kqp_ptr,
+    vc_ptr,
+    vqp_ptr,
+    tiers,
+    first,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    G: tl.constexpr,
+    VGS: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
+):
+    """Prefetch into the L2 every byte of packed groups ``first`` and ``first + 1`` (flat index) that
+    ``_packed_groups`` reads: codes, scales and zero points, and for mixed tiers the channel order,
+    the 16-bit values and the 4-bit tier's low bits and scales."""
+    _prefetch_l2(kc_ptr, first, G * D // 4)
+    _prefetch_l2(kqp_ptr, first, 4 * D)
+    _prefetch_l2(vc_ptr, first, G * DV // 4)
+    _prefetch_l2(vqp_ptr, first, 4 * (DV // VGS) * G)
+    if HIGH + MID > 0:
+        _prefetch_l2(tiers[4], first, HIGH + MID)
+    if HIGH > 0:
+        _prefetch_l2(tiers[5], first, HIGH * G * 2)  # float16 or bfloat16
+    if MID > 0:
+        _prefetch_l2(tiers[6], first, MID * G // 4)
+        _prefetch_l2(tiers[7], first, 2 * MID)
+
+
+@triton.jit
 def _packed_groups(
     qs,
     kc_ptr,
@@ -478,6 +534,7 @@ def _packed_groups(
     HIGH: tl.constexpr,
     MID: tl.constexpr,
     INTERP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Online softmax over packed groups ``g0 .. g1 - 1`` (flat index ``base + grp``) of query rows
     ``qs`` (the 8 query fields, ``_load_query_field``; ``tiers`` as in ``_group_scores``): the running
@@ -497,8 +554,12 @@ def _packed_groups(
     za = tl.zeros([BLOCK_M, 16], tl.float32)
     # Two packed groups per step: one online-softmax rescale of the accumulators for 64 tokens, and two
     # independent chains of tensor-core products for the scheduler to interleave.
+    last_pair = base + g1 - 2
     for grp in range(g0, g1 - 1, 2):
         gi = base + grp
+        if PREFETCH > 0 and not INTERP:  # the pair PREFETCH steps ahead, to the L2
+            ahead = tl.maximum(tl.minimum(gi + 2 * PREFETCH, last_pair), 0)
+            _prefetch_pair(kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, tiers, ahead, D, DV, G, VGS, HIGH, MID)
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
         s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
@@ -616,6 +677,7 @@ def planar_split_kernel(
     MID: tl.constexpr,
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
@@ -687,6 +749,7 @@ def planar_split_kernel(
             HIGH,
             MID,
             INTERP,
+            PREFETCH,
         )
     else:
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
@@ -716,6 +779,7 @@ def planar_split_kernel(
             HIGH,
             MID,
             INTERP,
+            PREFETCH,
         )
     if PDL:  # the walk is over: the combine may launch (it waits for this launch to end)
         gdc_launch_dependents()
