@@ -838,6 +838,36 @@ def test_overlap_launches_policy(flag, expected, monkeypatch):
         _runtime.overlap_launches(layouts["kivi2"], cuda)
 
 
+@pytest.mark.parametrize(("flag", "steps"), [("", 1), ("1", 1), ("0", 0), ("2", None)])
+def test_prefetch_steps_setting(flag, steps, monkeypatch):
+    """``MIXKVQ_PREFETCH``: unset or 1 prefetches one step ahead, 0 none; anything else is an error."""
+    monkeypatch.setenv("MIXKVQ_PREFETCH", flag)
+    if steps is None:
+        with pytest.raises(ValueError, match="MIXKVQ_PREFETCH"):
+            _runtime.prefetch_steps()
+    else:
+        assert _runtime.prefetch_steps() == steps
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["kivi2", "mix"])
+def test_decode_gpu_prefetch_changes_nothing(name, monkeypatch):
+    """The L2 prefetch of the planar kernel is a hint: with ``MIXKVQ_PREFETCH`` 0 and 1 the output is
+    bit-equal and within the float16 bound of the reference, for walks of many groups per program (one
+    and three splits: even and odd group counts, the prefetch clamped at the walk's last pair)."""
+    torch.manual_seed(5)
+    store = _store(CONFIGS[name], batch=2, heads=8, capacity=4096, head_dim=128, tokens=4000, chunks=(3001,))
+    query = torch.randn(2, 32, 1, 128, dtype=torch.float16, device=DEVICE)
+    for splits in (1, 3):
+        outs = []
+        for flag in ("0", "1"):
+            monkeypatch.setenv("MIXKVQ_PREFETCH", flag)
+            out, ref = _run(query, store, 4000, num_splits=splits)
+            assert _rel(out, ref) < TOL[torch.float16]
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+
+
 @gpu_only
 @pytest.mark.parametrize("name", ["kivi2", "mix"])
 def test_decode_gpu_overlapped_launches_equal(name, monkeypatch):

@@ -24,6 +24,7 @@ __all__ = [
     "num_sms",
     "overlap_launches",
     "packed_groups_before",
+    "prefetch_steps",
     "scores_mask",
     "store_arguments",
     "tl",
@@ -61,6 +62,19 @@ def overlap_launches(layout, device: torch.device) -> bool:
     if device.type != "cuda" or interpreting():
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prefetch_steps() -> int:
+    """How many steps of two packed groups ahead the planar decode kernel asks the L2 for their bytes
+    (``planar_attention._prefetch_pair``): 1, or 0 (no prefetch) with ``MIXKVQ_PREFETCH=0``, for A/B runs.
+
+    On an H200 (2026-11-27, ``bench/decode_ab.py``, one call) one step ahead made MixKVQ's default
+    tiers 1.12-1.17x faster (8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810, 120 x 32k
+    2.346 -> 2.008) and kivi2 1-3%; two steps ahead gained less (0.1598 ms at 8 x 32k)."""
+    flag = os.environ.get("MIXKVQ_PREFETCH", "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")
+    return 0 if flag == "0" else 1
 
 
 def check_kernel_device(device: torch.device, caller: str) -> None:

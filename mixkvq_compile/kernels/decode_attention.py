@@ -45,6 +45,7 @@ from ._runtime import (
     num_sms,
     overlap_launches,
     packed_groups_before,
+    prefetch_steps,
     scores_mask,
     store_arguments,
     tl,
@@ -961,10 +962,7 @@ def decode_attention(
             # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
             num_stages=num_stages or (2 if lay.planar_mixed else 3),
             PDL=overlap,
-            # Each step asks the L2 for the next step's groups (H200, 2026-11-27, MixKVQ default tiers:
-            # 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810; kivi2 3% faster; two steps ahead
-            # is slower than one).
-            PREFETCH=1,
+            PREFETCH=prefetch_steps(),  # each step asks the L2 for the next step's groups
             launch_pdl=overlap,
         )
     elif num_splits:
