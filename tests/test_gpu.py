@@ -26,6 +26,19 @@ def run(preset, dtype, monkeypatch, kernels: bool, forced=None):
     return eager_forward, tokens, logits, mask
 
 
+def compiled_generate(options: dict):
+    """Tokens and logits of ``generate()`` on a fresh bfloat16 tiny Llama whose forward is compiled by
+    mixkvq with ``options``, after resetting Dynamo and the CUDA graph trees."""
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    cudagraph_trees.reset_cudagraph_trees()
+    model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
+    ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
+    model.forward = torch.compile(model.forward, backend="mixkvq", options=options)
+    return generate(model, ids.cuda(), mask.cuda(), NEW)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["kivi2", "mixkvq"])
 def test_kernel_path_matches_reference_path(preset, dtype, monkeypatch):
@@ -55,13 +68,7 @@ def test_decode_under_cuda_graphs_equals_launches(preset):
 
     results = []
     for graphs in (True, False):
-        torch._dynamo.reset()
-        cudagraph_trees.reset_cudagraph_trees()
-        model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
-        ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
-        options = {"preset": preset, "cuda_graphs": graphs}
-        model.forward = torch.compile(model.forward, backend="mixkvq", options=options)
-        results.append(generate(model, ids.cuda(), mask.cuda(), NEW))
+        results.append(compiled_generate({"preset": preset, "cuda_graphs": graphs}))
         manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         recorded = 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
         assert (recorded > 0) == graphs, f"cuda_graphs={graphs}: {recorded} recorded graphs"
@@ -76,19 +83,12 @@ def test_overlapped_launches_equal_sequential_ones(preset, monkeypatch):
     (programmatic dependent launch: the packed groups with the full-precision tokens, the combine with
     the packed groups). Tokens and logits under CUDA graphs equal, bit for bit, those with
     ``MIXKVQ_PDL=0``."""
-    from torch._inductor import cudagraph_trees
-
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("MIXKVQ_PDL", flag)
-        torch._dynamo.reset()
-        cudagraph_trees.reset_cudagraph_trees()
-        model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
-        ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
-        model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": preset})
-        results.append(generate(model, ids.cuda(), mask.cuda(), NEW))
+        results.append(compiled_generate({"preset": preset}))
     (tokens, logits), (ref_tokens, ref_logits) = results
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(logits, ref_logits)
@@ -122,8 +122,6 @@ def test_prewarm_runs_on_the_gpu_and_changes_no_token(preset, monkeypatch, caplo
     CUDA graphs equal, bit for bit, those with ``MIXKVQ_PREWARM=0``."""
     import threading
 
-    from torch._inductor import cudagraph_trees
-
     from mixkvq_compile.kernels import decode_attention as module
 
     attend = module.decode_attention
@@ -138,12 +136,7 @@ def test_prewarm_runs_on_the_gpu_and_changes_no_token(preset, monkeypatch, caplo
     for flag in ("1", "0"):
         monkeypatch.setenv("MIXKVQ_PREWARM", flag)
         threads.clear()
-        torch._dynamo.reset()
-        cudagraph_trees.reset_cudagraph_trees()
-        model = tiny_llama(4, 2, 128, dtype=torch.bfloat16).cuda()
-        ids, mask = left_padded_batch(256, 2, PROMPT, pads=[7, 0])
-        model.forward = torch.compile(model.forward, backend="mixkvq", options={"preset": preset})
-        results.append(generate(model, ids.cuda(), mask.cuda(), NEW))
+        results.append(compiled_generate({"preset": preset}))
         assert ("mixkvq-prewarm" in threads) == (flag == "1"), threads[:4]
     assert "decode kernels" not in caplog.text and "ahead-of-time" not in caplog.text
     (tokens, logits), (ref_tokens, ref_logits) = results
