@@ -492,18 +492,19 @@ def _prefetch_pair(
 ):
     """Prefetch into the L2 every byte of packed groups ``first`` and ``first + 1`` (flat index) that
     ``_packed_groups`` reads: codes, scales and zero points, and for mixed tiers the channel order,
-    the 16-bit values and the 4-bit tier's low bits and scales."""
+    the 16-bit values and the 4-bit tier's low bits and scales (``tiers`` as in ``_group_scores``)."""
+    _q_ptr, _q_off, _row_ok, _sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr = tiers
     _prefetch_l2(kc_ptr, first, G * D // 4)
     _prefetch_l2(kqp_ptr, first, 4 * D)
     _prefetch_l2(vc_ptr, first, G * DV // 4)
     _prefetch_l2(vqp_ptr, first, 4 * (DV // VGS) * G)
     if HIGH + MID > 0:
-        _prefetch_l2(tiers[4], first, HIGH + MID)
+        _prefetch_l2(order_ptr, first, HIGH + MID)
     if HIGH > 0:
-        _prefetch_l2(tiers[5], first, HIGH * G * 2)  # float16 or bfloat16
+        _prefetch_l2(hi_ptr, first, HIGH * G * 2)  # float16 or bfloat16
     if MID > 0:
-        _prefetch_l2(tiers[6], first, MID * G // 4)
-        _prefetch_l2(tiers[7], first, 2 * MID)
+        _prefetch_l2(lo_ptr, first, MID * G // 4)
+        _prefetch_l2(s4_ptr, first, 2 * MID)
 
 
 @triton.jit
