@@ -920,12 +920,14 @@ def test_append_gpu_prompt_bit_exact(planar_tiers):
     _packed_groups_equal(a, b, groups)
 
 
-# (16-bit, 4-bit) channel fractions of the mixed-tier cases: MixKVQ's default tiers (16 4-bit channels,
-# a 16-row low-bit tile), the benchmark's mix, and no 16-bit tier.
+# (16-bit, 4-bit) channel fractions of the mixed-tier cases: MixKVQ's default tiers (16 4-bit channels:
+# one 16-row product of low bits), the benchmark's mix (26: two, the second part-filled), no 16-bit tier
+# (32: two full ones), and 48 4-bit channels (three).
 PLANAR_MIXED_CASES = [
     ((1 / 32, 1 / 8), torch.float16),
     ((0.1, 0.2), torch.bfloat16),
     ((0.0, 0.25), torch.float16),
+    ((1 / 16, 3 / 8), torch.float16),
 ]
 
 
@@ -955,7 +957,7 @@ def test_planar_mixed_decode_matches_reference(fractions, dtype):
     assert _rel(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("fractions", [(1 / 32, 1 / 8), (1 / 16, 1 / 8)])
+@pytest.mark.parametrize("fractions", [(1 / 32, 1 / 8), (1 / 16, 1 / 8), (0.1, 0.2)])
 def test_planar_mixed_decode_at_llama_heads(fractions):
     """The planar kernel over mixed key tiers at 32 query heads over 8 KV heads, 2048 tokens, no mask,
     default splits, against the float32 reference. With 16 4-bit channels (MixKVQ's default tiers, and 8

@@ -393,39 +393,32 @@ def _high_tier_scores(
 
 
 @triton.jit
-def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr, MP: tl.constexpr):
-    """The low 2 bits of group ``gi``'s 4-bit codes as int16 ``[MP, G]`` (rows ``j``, those past ``MID``
-    0). Stored as ``MID`` rows of ``G / 4`` bytes, byte b holding tokens 4b .. 4b + 3 at bits 0, 2, 4, 6.
+def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr):
+    """The low 2 bits of group ``gi``'s 4-bit codes at rows ``j`` (16 of them; those not ``ok`` read as 0),
+    int16 ``[16, G]``. Stored as ``MID`` rows of ``G / 4`` bytes, byte b holding tokens 4b .. 4b + 3 at
+    bits 0, 2, 4, 6; read as int16 words (word w: tokens 8w .. 8w + 7, token 8w + k at bits 2k).
 
-    A 16-row tile is read as int16 words (word w: tokens 8w .. 8w + 7, token 8w + k at bits 2k): read
-    as bytes, it compiled wrong for an H200 (Triton 3.6: relative error 0.24 at MixKVQ's default tiers,
-    4 / 16 / 108 channels; right in the interpreter). Triton 3.6 gives a product's operand that comes
-    from bytes ``kWidth = 8`` even when K is 16, the case triton-lang/triton#11691 (2026-09-10) fixes
-    as "incorrect results for small-K dots with upcast operands"; from words it gets 4. Triton 3.9 gives the
-    byte tile 4 as well (``bench/kwidth_audit.py`` lists such operands in every decode kernel). With
-    words the kernel is right on the H200 (``tests/test_kernels.py``'s mixed-tier decode tests) and 10%
-    faster than with the 32-row byte tile used before (0.168 against 0.187 ms at 8 x 32k). Tiles of 32
-    or more rows are read as bytes: right, and faster than words (13 / 26 / 89 channels at 8 x 32k:
-    0.194 against 0.202 ms)."""
-    if MP == 16:
-        w8 = tl.arange(0, G // 8)
-        word = tl.load(
-            lo_ptr.to(tl.pointer_type(tl.int16)) + (gi * MID + j)[:, None] * (G // 8) + w8[None, :],
-            mask=ok[:, None],
-            other=0,
-        )
-        f0 = tl.join(word & 3, (word >> 8) & 3)  # tokens 8w + 0 and 8w + 4: [MP, G/8, 2]
-        f1 = tl.join((word >> 4) & 3, (word >> 12) & 3)  # 8w + 2, 8w + 6
-        f2 = tl.join((word >> 2) & 3, (word >> 10) & 3)  # 8w + 1, 8w + 5
-        f3 = tl.join((word >> 6) & 3, (word >> 14) & 3)  # 8w + 3, 8w + 7
-        low = tl.join(tl.join(f0, f1), tl.join(f2, f3))  # token 8w + 4a + 2b + c at [w, a, b, c]
-    else:
-        b4 = tl.arange(0, G // 4)
-        byt = tl.load(lo_ptr + (gi * MID + j)[:, None] * (G // 4) + b4[None, :], mask=ok[:, None], other=0)
-        byt = byt.to(tl.int16)
-        low = tl.join(tl.join(byt & 3, (byt >> 4) & 3), tl.join((byt >> 2) & 3, (byt >> 6) & 3))
-        # token 4b + 2i + k at [b, i, k]
-    return tl.reshape(low, [MP, G])
+    Why words, 16 rows at a time: read as bytes, a 16-row tile compiled wrong for an H200 (Triton 3.6:
+    relative error 0.24 at MixKVQ's default tiers, 4 / 16 / 108 channels; right in the interpreter).
+    Triton 3.6 gives a product's operand that comes from bytes ``kWidth = 8`` even when K is 16, the
+    case triton-lang/triton#11691 (2026-09-10) fixes as "incorrect results for small-K dots with upcast
+    operands"; from words it gets 4. Triton 3.9 gives the byte tile 4 as well (``bench/kwidth_audit.py``
+    lists such operands in every decode kernel). A tile of 32 or more rows converted to the product's
+    operand through shared memory one 16-bit element at a time (Triton 3.6, sm_90, 13 / 26 / 89
+    channels: 64 ``STS`` per pair of groups in the loop, against 4 for a 16-row word tile), so
+    ``_low_bits_scores`` takes 16 rows per product."""
+    w8 = tl.arange(0, G // 8)
+    word = tl.load(
+        lo_ptr.to(tl.pointer_type(tl.int16)) + (gi * MID + j)[:, None] * (G // 8) + w8[None, :],
+        mask=ok[:, None],
+        other=0,
+    )
+    f0 = tl.join(word & 3, (word >> 8) & 3)  # tokens 8w + 0 and 8w + 4: [16, G/8, 2]
+    f1 = tl.join((word >> 4) & 3, (word >> 12) & 3)  # 8w + 2, 8w + 6
+    f2 = tl.join((word >> 2) & 3, (word >> 10) & 3)  # 8w + 1, 8w + 5
+    f3 = tl.join((word >> 6) & 3, (word >> 14) & 3)  # 8w + 3, 8w + 7
+    low = tl.join(tl.join(f0, f1), tl.join(f2, f3))  # token 8w + 4a + 2b + c at [w, a, b, c]
+    return tl.reshape(low, [16, G])
 
 
 @triton.jit
@@ -446,18 +439,20 @@ def _low_bits_scores(
     """Mixed-tier stores: the query gathered at the group's 4-bit channels times ``s4`` times the low 2
     bits of their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in the units of
     ``_group_scores``' products (the codes enter as float16 subnormals, ``code * 2**-24``), so that it
-    starts that accumulator."""
-    MP: tl.constexpr = max(16, triton.next_power_of_2(MID))
-    j = tl.arange(0, MP)
-    ok = j < MID
-    channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
-    s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
-    q = tl.load(
-        q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
-    )
-    q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
-    low = _low_bits(lo_ptr, gi, j, ok, G, MID, MP)
-    return tl.dot(q, low.to(tl.float16, bitcast=True))
+    starts that accumulator. One product per 16 of the channels (``_low_bits``)."""
+    s = tl.zeros([BLOCK_M, G], tl.float32)
+    for c in tl.static_range(triton.cdiv(MID, 16)):
+        j = c * 16 + tl.arange(0, 16)
+        ok = j < MID
+        channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
+        s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+        )
+        q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
+        low = _low_bits(lo_ptr, gi, j, ok, G, MID)
+        s = tl.dot(q, low.to(tl.float16, bitcast=True), s)
+    return s
 
 
 @triton.jit
