@@ -6,10 +6,13 @@
     python3 bench/decode_ab.py --splits default,1,2,4   # also fewer splits: longer walks per program
     python3 bench/decode_ab.py --pdl 0,1 --fp-stages default,1   # overlapped launches, on and off
     python3 bench/decode_ab.py --stages default,2,3     # software-pipelining depth of the packed groups
+    python3 bench/decode_ab.py --dtype bfloat16         # query and store in bfloat16, as in bench/e2e.py
+    python3 bench/decode_ab.py --mask bool              # an all-true mask, as in bench/e2e.py
 
-For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16) and each quantization
-setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a CUDA graph, L2
-flushed), cuDNN SDPA fp16 on full-precision K/V of the same size in the same process, their ratio, and
+For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16 unless ``--dtype``) and
+each quantization setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a
+CUDA graph, L2 flushed), cuDNN SDPA on full-precision K/V of the same size and dtype in the same process,
+their ratio, and
 the relative error of the fused kernel against float32 attention over the store's own dequantized keys
 and values (``store.read``): a kernel change that is faster but wrong shows here. Stores are filled as
 in ``bench/kernels.py`` (``random_store``). To compare two versions of the kernel, run the script
@@ -93,6 +96,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x32768,1x131072")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--label", default="this tree")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument(
+        "--mask",
+        default="none",
+        choices=["none", "bool"],
+        help="bool: pass an all-true mask [B, 1, 1, ctx], as a model's decode step does (a kernel that reads "
+        "masks, with a branch for ranges the mask keeps whole)",
+    )
     parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
     parser.add_argument(
         "--stages", default="default", help="comma-separated stage counts of the packed-group launch"
@@ -113,18 +124,20 @@ def main() -> None:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(
-        f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {torch.cuda.get_device_name()}; "
-        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; GPU {describe(gpu_state())}"
+        f"{args.label}: {os.path.dirname(mixkvq_compile.__file__)}; {args.dtype}; mask {args.mask}; "
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"GPU {describe(gpu_state())}"
     )
     columns = ("shape", 9), ("config", 15), ("splits", 7), ("stages", 7), ("fp st", 7), ("pdl", 7)
     columns += ("ours ms", 8), ("cudnn ms", 8), ("x cudnn", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))
-        q = torch.randn(batch, HQ, 1, D, dtype=torch.float16, device="cuda")
-        k = torch.randn(batch, HKV, ctx, D, dtype=torch.float16, device="cuda")
+        q = torch.randn(batch, HQ, 1, D, dtype=dtype, device="cuda")
+        k = torch.randn(batch, HKV, ctx, D, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
 
         def cudnn(k=k, v=v, q=q):
@@ -134,13 +147,18 @@ def main() -> None:
         base = bench_graph(cudnn)
         del k, v
         for name in args.configs.split(","):
-            store = random_store(CONFIGS[name], batch, ctx)
+            store = random_store(CONFIGS[name], batch, ctx, dtype)
             packed = store.layout.flushed_groups(ctx)
+            mask = (
+                torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if args.mask == "bool" else None
+            )
             for n_splits, stages, fp, flag in itertools.product(splits, loop_stages, fp_stages, pdl):
                 set_pdl(flag)
                 kw = {"packed": packed, "num_splits": n_splits, "num_stages": stages, "fp_stages": fp}
-                err = relative_error(decode_attention(q, store, ctx, **kw), q, store, ctx)
-                ours = bench_graph(lambda s=store, q=q, n=ctx, kw=kw: decode_attention(q, s, n, **kw))
+                err = relative_error(decode_attention(q, store, ctx, mask, **kw), q, store, ctx)
+                ours = bench_graph(
+                    lambda s=store, q=q, n=ctx, m=mask, kw=kw: decode_attention(q, s, n, m, **kw)
+                )
                 labels = ["default" if n is None else str(n) for n in (n_splits, stages, fp)]
                 if n_splits is None:  # the count decode_attention picks
                     labels[0] = f"d={decode_splits(batch, packed)}"

@@ -78,8 +78,8 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-def random_store(config, batch: int, ctx: int) -> KVStore:
-    """A store of ``ctx`` tokens: random keys and values quantized by ``KVStore.append``.
+def random_store(config, batch: int, ctx: int, dtype: torch.dtype = DTYPE) -> KVStore:
+    """A store of ``ctx`` tokens of ``dtype``: random keys and values quantized by ``KVStore.append``.
 
     Quantized values, not random bytes: the value zero point of a quantized token sits near its
     smallest value, so the kernel's field sums and zero-point sum nearly cancel under wide attention,
@@ -87,14 +87,14 @@ def random_store(config, batch: int, ctx: int) -> KVStore:
     session 12 in ``docs/performance.md``). Mixed key tiers need it anyway: their planar layout holds
     parts of one 4-bit code in two places, so random bytes would not be a store that ``read`` and the
     kernel agree on."""
-    lay = StoreLayout.create(config, batch, HKV, ctx + 64, D, D, DTYPE)
+    lay = StoreLayout.create(config, batch, HKV, ctx + 64, D, D, dtype)
     store = KVStore.open(lay, *allocate(lay, "cuda"))
     if lay.salience:
         store.keys["query_abs_sum"].uniform_(0, 1)
         store.keys["query_count"].fill_(1.0)
     for start in range(0, ctx, 8192):  # 8192 tokens at a time: the input stays small
         n = min(8192, ctx - start)
-        k = torch.randn(batch, HKV, n, D, dtype=DTYPE, device="cuda")
+        k = torch.randn(batch, HKV, n, D, dtype=dtype, device="cuda")
         store.append(k, torch.randn_like(k), start)
     return store
 
