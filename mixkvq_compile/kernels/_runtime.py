@@ -64,17 +64,25 @@ def overlap_launches(layout, device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def prefetch_steps() -> int:
+def prefetch_steps(layout) -> int:
     """How many steps of two packed groups ahead the planar decode kernel asks the L2 for their bytes
-    (``planar_attention._prefetch_pair``): 1, or 0 (no prefetch) with ``MIXKVQ_PREFETCH=0``, for A/B runs.
+    (``planar_attention._prefetch_pair``) over a store of ``layout`` (a ``StoreLayout``): 1 for mixed key
+    tiers (``layout.planar_mixed``), 0 for the others; ``MIXKVQ_PREFETCH=1`` or ``0`` sets it for every
+    store (A/B runs).
 
-    On an H200 (2026-11-27, ``bench/decode_ab.py``, one call) one step ahead made MixKVQ's default
-    tiers 1.12-1.17x faster (8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810, 120 x 32k
-    2.346 -> 2.008) and kivi2 1-3%; two steps ahead gained less (0.1598 ms at 8 x 32k)."""
+    Measured on an H200 (2026-11-27, ``bench/decode_ab.py``): one step ahead made MixKVQ's default
+    tiers 1.12-1.17x faster without a mask (float16, 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 ->
+    0.0810, 120 x 32k 2.346 -> 2.008) and 1.05x with the all-true mask a model's decode step passes
+    (bfloat16, 64 x 32k, 1.367 -> 1.306 ms); two steps ahead gained less. For kivi2 it gained 1-3%
+    without a mask and cost 15% with one (64 x 32k, 0.684 -> 0.789 ms: in the kernel that reads masks,
+    the loop the mask keeps whole spills ten registers with it, Triton 3.6), and 9-10% of the whole
+    step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k)."""
     flag = os.environ.get("MIXKVQ_PREFETCH", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")
-    return 0 if flag == "0" else 1
+    if flag:
+        return int(flag)
+    return 1 if layout.planar_mixed else 0
 
 
 def check_kernel_device(device: torch.device, caller: str) -> None:

@@ -962,7 +962,7 @@ def decode_attention(
             # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
             num_stages=num_stages or (2 if lay.planar_mixed else 3),
             PDL=overlap,
-            PREFETCH=prefetch_steps(),  # each step asks the L2 for the next step's groups
+            PREFETCH=prefetch_steps(lay),  # each step asks the L2 for the next step's groups
             launch_pdl=overlap,
         )
     elif num_splits:
