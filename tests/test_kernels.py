@@ -667,6 +667,21 @@ def test_planar_decode_mask_that_keeps_the_packed_tokens(kind, changed):
     assert (_rel(ref, clean_ref) > 0.05) == changed  # the change matters, so a skipped mask would fail
 
 
+def test_planar_decode_per_head_mask():
+    """A decode mask with a row per query head (not broadcast over heads, so each program's query rows
+    read different mask rows): one head of row 1 drops 20 tokens of packed group 2, the others keep
+    everything; against the float32 reference and against the mask that keeps everything."""
+    store, _, _ = _planar_store(128, torch.float16, seed=23)
+    query = torch.randn(2, 4, 1, 128, dtype=torch.float16, device=DEVICE)
+    mask = (torch.arange(200, device=DEVICE) < 170).expand(2, 4, 1, 200).clone()
+    clean_ref = _run(query, store, 170, mask=mask.clone(), num_splits=2)[1]
+    token = PLANAR.sink_tokens + 2 * PLANAR.group_size
+    mask[1, 2, :, token : token + 20] = False
+    out, ref = _run(query, store, 170, mask=mask, num_splits=2)
+    assert _rel(out, ref) < TOL[torch.float16]
+    assert _rel(ref[1, 2], clean_ref[1, 2]) > 0.05 and torch.equal(ref[0], clean_ref[0])
+
+
 def test_planar_decode_query_chunk_additive_mask_and_new_tokens():
     """Four causal queries with an additive mask and 4 new full-precision tokens, over a planar store."""
     store, _, _ = _planar_store(128, torch.float16, seed=9)
