@@ -11,19 +11,18 @@
 
 For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16 unless ``--dtype``) and
 each quantization setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a
-CUDA graph, L2 flushed), cuDNN SDPA on full-precision K/V of the same size and dtype in the same process,
-their ratio, and
-the relative error of the fused kernel against float32 attention over the store's own dequantized keys
-and values (``store.read``): a kernel change that is faster but wrong shows here. Stores are filled as
-in ``bench/kernels.py`` (``random_store``). To compare two versions of the kernel, run the script
-twice in one device call, with the older package first on ``PYTHONPATH`` the first time: the cuDNN
-time printed by each run tells whether the card's speed moved between them. With ``--splits`` each
-store is also run with the given split counts (``default``: ``decode_attention``'s choice), since the
-error of a program's walk over many groups may grow with its length (it did until session 12: 2.4e-2 at
-8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums in float32, 7.7e-4
-and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the packed-group and
-the full-precision launches, and ``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches of
-``kernels._runtime.overlap_launches``; an older package copy may ignore it).
+CUDA graph, L2 flushed), cuDNN SDPA on full-precision K/V of the same size and dtype in the same
+process, their ratio, and the relative error of the fused kernel against float32 attention over the
+store's own dequantized keys and values (``store.read``): a kernel change that is faster but wrong shows
+here. Stores are filled as in ``bench/kernels.py`` (``random_store``). To compare two versions of the
+kernel, run the script twice in one device call, with the older package first on ``PYTHONPATH`` the
+first time: the cuDNN time printed by each run tells whether the card's speed moved between them. With
+``--splits`` each store is also run with the given split counts (``default``: ``decode_attention``'s
+choice), since the error of a program's walk over many groups may grow with its length (it did until
+session 12: 2.4e-2 at 8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums
+in float32, 7.7e-4 and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the
+packed-group and the full-precision launches, and ``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches
+of ``kernels._runtime.overlap_launches``; an older package copy may ignore it).
 """
 
 from __future__ import annotations
@@ -101,8 +100,8 @@ def main() -> None:
         "--mask",
         default="none",
         choices=["none", "bool"],
-        help="bool: pass an all-true mask [B, 1, 1, ctx], as a model's decode step does (a kernel that reads "
-        "masks, with a branch for ranges the mask keeps whole)",
+        help="bool: pass our kernel an all-true mask [B, 1, 1, ctx], as a model's decode step does (a kernel "
+        "that reads masks, with a branch for ranges the mask keeps whole); cuDNN runs without one",
     )
     parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
     parser.add_argument(
@@ -139,6 +138,7 @@ def main() -> None:
         q = torch.randn(batch, HQ, 1, D, dtype=dtype, device="cuda")
         k = torch.randn(batch, HKV, ctx, D, dtype=dtype, device="cuda")
         v = torch.randn_like(k)
+        mask = torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if args.mask == "bool" else None
 
         def cudnn(k=k, v=v, q=q):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -149,9 +149,6 @@ def main() -> None:
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx, dtype)
             packed = store.layout.flushed_groups(ctx)
-            mask = (
-                torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if args.mask == "bool" else None
-            )
             for n_splits, stages, fp, flag in itertools.product(splits, loop_stages, fp_stages, pdl):
                 set_pdl(flag)
                 kw = {"packed": packed, "num_splits": n_splits, "num_stages": stages, "fp_stages": fp}

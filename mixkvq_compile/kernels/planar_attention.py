@@ -40,16 +40,16 @@ reasons "selected" and "wait"), so it is written for few instructions per group:
 Static SASS of the loop, per group (Triton 3.6, sm_90, 4 query rows): 769 -> 586 instructions
 against the one-group, 16-row loop; H200 at 8 x 32k: 0.133 -> 0.097 ms.
 
-For stores of mixed key tiers (``PREFETCH``, ``_runtime.prefetch_steps``), each step of two groups
-first asks the L2 for the next step's bytes (``_prefetch_pair``: one
-``prefetch.global.L2`` per 128-byte line, 4 to 8 per thread). The pipelined copies of a step are
-issued late in the step before it, and with the two stages that mixed tiers afford (255 registers)
-the step's first barrier waited for them (Nsight Compute, H200, MixKVQ's default tiers at 8 x 32k:
-10.5% of the stall samples on that barrier, long scoreboard 27.7% of all against 2.7% for kivi2's
-three stages); the gathers of the query at the tier channels waited on the channel order the same
-way. With the prefetch the copies and gathers find their bytes in the L2: 8 x 32k 0.1758 -> 0.1568 ms,
-1 x 128k 0.0948 -> 0.0810 ms (``bench/decode_ab.py``, session 16 in ``docs/performance.md``). kivi2
-gained 1-3%, but in the kernel that reads a mask its loop then spilled and was 15% slower (session 17).
+For stores of mixed key tiers (``PREFETCH``, ``_runtime.prefetch_steps``), each step of two groups first
+asks the L2 for the next step's bytes (``_prefetch_pair``: one ``prefetch.global.L2`` per 128-byte line,
+4 to 8 per thread). The pipelined copies of a step are issued late in the step before it, and with the
+two stages that mixed tiers afford (255 registers) the step's first barrier waited for them (Nsight
+Compute, H200, MixKVQ's default tiers at 8 x 32k: 10.5% of the stall samples on that barrier, long
+scoreboard 27.7% of all against 2.7% for kivi2's three stages); the gathers of the query at the tier
+channels waited on the channel order the same way. With the prefetch the copies and gathers find their
+bytes in the L2: 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810 ms (``bench/decode_ab.py``,
+session 16 in ``docs/performance.md``). kivi2 gained 1-3%, but in the kernel that reads a mask its loop
+then spilled and was 15% slower (session 17).
 
 Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE = 1/16`` first so
 that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
