@@ -606,15 +606,43 @@ def _packed_groups(
 
 @triton.jit
 def _mask_keeps_all(
-    mask_ptr, mask_row, smk, row_ok, start, end, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr
+    mask_ptr,
+    mask_row,
+    smh,
+    sml,
+    smk,
+    row_ok,
+    start,
+    end,
+    BLOCK_M: tl.constexpr,
+    LQ: tl.constexpr,
+    MASK_KIND: tl.constexpr,
 ):
     """True when the attention mask leaves key positions ``start .. end - 1`` as they are for every
     valid query row (a bool mask all true there, an additive mask all zero): one pass over the mask,
-    one byte (bool) per token against 64 packed bytes per token and KV head. True without a mask."""
-    CHUNK: tl.constexpr = 256
+    one byte (bool) per token against 64 packed bytes per token and KV head. True without a mask.
+
+    Where every query row of the program reads one mask row (a mask broadcast over heads, ``smh == 0``,
+    as a decode step's, for one query or ``sml == 0``), that row is read once, 1024 positions per
+    iteration, and the positions are reduced once after the loop: 256 positions of every row per
+    iteration and a reduction in each cost 171 instructions and a memory round trip per 256 tokens
+    (Triton 3.6, sm_90), about 5% of the kernel at 64 x 32k in two splits (H200, bfloat16, kivi2:
+    0.684 ms with an all-true mask against 0.653 without, session 17 in ``docs/performance.md``)."""
     if MASK_KIND == 0:  # no mask: true, folded by the compiler
         keeps = start == start
+    elif smh == 0 and (LQ == 1 or sml == 0):
+        WIDE: tl.constexpr = 1024
+        row = tl.max(tl.where(row_ok, mask_row, 0), 0)  # the same for every valid row
+        bad_at = tl.zeros([WIDE], tl.int8)
+        for c in range(start, end, WIDE):
+            at = c + tl.arange(0, WIDE)
+            inside = at < end
+            mv = tl.load(mask_ptr + row + at.to(tl.int64) * smk, mask=inside, other=0)
+            changed = (mv == 0) if MASK_KIND == 1 else (mv != 0)
+            bad_at = bad_at | (changed & inside).to(tl.int8)
+        keeps = tl.max(bad_at, 0) == 0
     else:
+        CHUNK: tl.constexpr = 256
         bad = tl.zeros([BLOCK_M], tl.int32)
         for c in range(start, end, CHUNK):
             pos = c + tl.arange(0, CHUNK)
@@ -718,7 +746,9 @@ def planar_split_kernel(
     # A mask that keeps every packed token of this program's range (e.g. a decode step's mask over a
     # static cache, false only past the query) is not read in the loop: 595 instead of 699
     # instructions per group (Triton 3.6, sm_90). Without a mask the condition is constant.
-    if _mask_keeps_all(mask_ptr, mask_row, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, MASK_KIND):
+    if _mask_keeps_all(
+        mask_ptr, mask_row, smh, sml, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, LQ, MASK_KIND
+    ):
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
             qs,
             kc_ptr,
