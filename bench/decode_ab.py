@@ -100,8 +100,9 @@ def main() -> None:
         "--mask",
         default="none",
         choices=["none", "bool"],
-        help="bool: pass our kernel an all-true mask [B, 1, 1, ctx], as a model's decode step does (a kernel "
-        "that reads masks, with a branch for ranges the mask keeps whole); cuDNN runs without one",
+        help="bool: pass our kernel an all-true mask [B, 1, 1, ctx], as a model's decode step does (the "
+        "kernel that reads masks, in two launches: ranges the mask keeps whole, then the others); cuDNN "
+        "runs without one",
     )
     parser.add_argument("--splits", default="default", help="comma-separated split counts or 'default'")
     parser.add_argument(

@@ -76,7 +76,9 @@ def prefetch_steps(layout) -> int:
     (bfloat16, 64 x 32k, 1.367 -> 1.306 ms); two steps ahead gained less. For kivi2 it gained 1-3%
     without a mask and cost 15% with one (64 x 32k, 0.684 -> 0.789 ms: in the kernel that reads masks,
     the loop the mask keeps whole spills ten registers with it, Triton 3.6), and 9-10% of the whole
-    step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k)."""
+    step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k). With a mask now walked in two
+    launches (``decode_attention``) kivi2 was still 2% slower with it (64 x 32k, 0.677 -> 0.692 ms,
+    session 18)."""
     flag = os.environ.get("MIXKVQ_PREFETCH", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")

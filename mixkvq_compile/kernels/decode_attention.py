@@ -940,31 +940,38 @@ def decode_attention(
     if num_splits and lay.planar_words:
         codes, qparams = tiers[lay.planar_key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
-        planar_split_kernel[(bh, num_splits, q_blocks)](
-            query,
-            *query.stride(),
-            codes,
-            qparams,
-            vdata,
-            vq,
-            order,
-            tiers[0][0],
-            tiers[1][0],
-            tiers[1][1],
-            *common,
-            **common_meta,
-            VGS=lay.value_group_size,
-            HIGH=high,
-            MID=mid,
-            INTERP=interpreting(),
-            num_warps=num_warps or max(1, block_m // 16),
-            # Mixed tiers: two stages (H200, 2026-11-27, 13/26/89 channels: 8 x 32k 0.216 -> 0.199 ms,
-            # 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
-            num_stages=num_stages or (2 if lay.planar_mixed else 3),
-            PDL=overlap,
-            PREFETCH=prefetch_steps(lay),  # each step asks the L2 for the next step's groups
-            launch_pdl=overlap,
-        )
+        # With a mask, two launches: the ranges the mask keeps whole (a decode step's mask over a static
+        # cache keeps them all), walked without reading it, then the others. One kernel with both loops
+        # spilled more in the first (MixKVQ's default tiers, Triton 3.6: 58 LDL per step against 34).
+        # H200, bfloat16, 64 x 32k, all-true mask: MixKVQ default 1.305 -> 1.213 ms, kivi2 0.707 ->
+        # 0.677 (0.676 without a mask); e2e step at 64 rows 51.95 -> 47.74 ms (session 18).
+        for masked_walk in (False, True) if mask_kind else (False,):
+            planar_split_kernel[(bh, num_splits, q_blocks)](
+                query,
+                *query.stride(),
+                codes,
+                qparams,
+                vdata,
+                vq,
+                order,
+                tiers[0][0],
+                tiers[1][0],
+                tiers[1][1],
+                *common,
+                **common_meta,
+                VGS=lay.value_group_size,
+                HIGH=high,
+                MID=mid,
+                INTERP=interpreting(),
+                MASKED_WALK=masked_walk,
+                num_warps=num_warps or max(1, block_m // 16),
+                # Mixed tiers: two stages (H200, 2026-11-27, 13/26/89 channels: 8 x 32k 0.216 -> 0.199
+                # ms, 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
+                num_stages=num_stages or (2 if lay.planar_mixed else 3),
+                PDL=overlap,
+                PREFETCH=prefetch_steps(lay),  # each step asks the L2 for the next step's groups
+                launch_pdl=overlap,
+            )
     elif num_splits:
         _attn_split_kernel[(bh, num_splits, q_blocks)](
             *args, **meta, FP_PART=False, PDL=False, num_warps=warps, num_stages=num_stages or 3

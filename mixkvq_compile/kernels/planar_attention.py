@@ -620,7 +620,7 @@ def _mask_keeps_all(
 ):
     """True when the attention mask leaves key positions ``start .. end - 1`` as they are for every
     valid query row (a bool mask all true there, an additive mask all zero): one pass over the mask,
-    one byte (bool) per token against 64 packed bytes per token and KV head. True without a mask.
+    one byte (bool) per token against 64 packed bytes per token and KV head (``MASK_KIND`` 1 or 2).
 
     Where every query row of the program reads one mask row (a mask broadcast over heads, ``smh == 0``,
     as a decode step's, for one query or ``sml == 0``), that row is read once, 1024 positions per
@@ -628,9 +628,7 @@ def _mask_keeps_all(
     iteration and a reduction in each cost 171 instructions and a memory round trip per 256 tokens
     (Triton 3.6, sm_90), about 5% of the kernel at 64 x 32k in two splits (H200, bfloat16, kivi2:
     0.684 ms with an all-true mask against 0.653 without, session 17 in ``docs/performance.md``)."""
-    if MASK_KIND == 0:  # no mask: true, folded by the compiler
-        keeps = start == start
-    elif smh == 0 and (LQ == 1 or sml == 0):
+    if smh == 0 and (LQ == 1 or sml == 0):
         WIDE: tl.constexpr = 1024
         row = tl.max(tl.where(row_ok, mask_row, 0), 0)  # the same for every valid row
         bad_at = tl.zeros([WIDE], tl.int8)
@@ -703,6 +701,7 @@ def planar_split_kernel(
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    MASKED_WALK: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
@@ -743,83 +742,68 @@ def planar_split_kernel(
     # Packed tokens sit before position ``length``, and a single query (at ``length + new_len - 1``)
     # sees them all: only a query chunk needs the causal rule here.
     CAUSAL_PACKED: tl.constexpr = IS_CAUSAL and LQ > 1
-    # A mask that keeps every packed token of this program's range (e.g. a decode step's mask over a
-    # static cache, false only past the query) is not read in the loop: 595 instead of 699
-    # instructions per group (Triton 3.6, sm_90). Without a mask the condition is constant.
-    if _mask_keeps_all(
-        mask_ptr, mask_row, smh, sml, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, LQ, MASK_KIND
-    ):
-        m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
-            qs,
-            kc_ptr,
-            kqp_ptr,
-            vc_ptr,
-            vqp_ptr,
-            base,
-            g0,
-            g1,
-            score_scale,
-            row_ok,
-            qpos,
-            mask_ptr,
-            mask_row,
-            smk,
-            tiers,
-            BLOCK_M,
-            D,
-            DV,
-            G,
-            S,
-            VGS,
-            0,
-            CAUSAL_PACKED,
-            HIGH,
-            MID,
-            INTERP,
-            PREFETCH,
+    # With a mask, ``decode_attention`` launches this kernel twice over the same programs: first
+    # (``MASKED_WALK`` false) for the programs whose range the mask keeps whole (a decode step's mask
+    # over a static cache keeps every packed token), walked without reading it: 595 instead of 699
+    # instructions per group (Triton 3.6, sm_90); then for the others, walked with the mask. Each
+    # program's partials are written by one of the two. One launch with both loops spilled more in the
+    # first (MixKVQ's default tiers: 58 LDL per step against 34). Without a mask the test is constant.
+    WALK_MASK: tl.constexpr = MASK_KIND if MASKED_WALK else 0
+    g1_walk = g1
+    walked = row_ok  # the rows whose partials this launch writes
+    if MASK_KIND > 0:
+        keeps = _mask_keeps_all(
+            mask_ptr, mask_row, smh, sml, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, LQ, MASK_KIND
         )
-    else:
-        m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
-            qs,
-            kc_ptr,
-            kqp_ptr,
-            vc_ptr,
-            vqp_ptr,
-            base,
-            g0,
-            g1,
-            score_scale,
-            row_ok,
-            qpos,
-            mask_ptr,
-            mask_row,
-            smk,
-            tiers,
-            BLOCK_M,
-            D,
-            DV,
-            G,
-            S,
-            VGS,
-            MASK_KIND,
-            CAUSAL_PACKED,
-            HIGH,
-            MID,
-            INTERP,
-            PREFETCH,
-        )
+        mine = (keeps == 0) if MASKED_WALK else keeps
+        # The second launch's programs that are not its own walk nothing; the first launch's walk their
+        # range in any case (its loop spilled more with a bound that depends on the mask: MixKVQ's
+        # default tiers 1807 instructions and 55 LDL per step, against 1800 and 39) and write only
+        # their own partials: a range the mask does not keep whole is walked twice.
+        if MASKED_WALK:
+            g1_walk = tl.where(mine, g1, g0)
+        walked = tl.where(mine, row_ok, False)  # (row_ok & mine fails in the interpreter, Triton 3.9)
+    m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
+        qs,
+        kc_ptr,
+        kqp_ptr,
+        vc_ptr,
+        vqp_ptr,
+        base,
+        g0,
+        g1_walk,
+        score_scale,
+        row_ok,
+        qpos,
+        mask_ptr,
+        mask_row,
+        smk,
+        tiers,
+        BLOCK_M,
+        D,
+        DV,
+        G,
+        S,
+        VGS,
+        WALK_MASK,
+        CAUSAL_PACKED,
+        HIGH,
+        MID,
+        INTERP,
+        PREFETCH,
+    )
     if PDL:  # the walk is over: the combine may launch (it waits for this launch to end)
         gdc_launch_dependents()
     part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows
-    _store_field(part_acc_ptr, part, row_ok, a0, za, 0, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a1, za, 1, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a2, za, 2, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a3, za, 3, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a4, za, 4, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a5, za, 5, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a6, za, 6, FWV, DV, VGS)
-    _store_field(part_acc_ptr, part, row_ok, a7, za, 7, FWV, DV, VGS)
-    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    _store_field(part_acc_ptr, part, walked, a0, za, 0, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a1, za, 1, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a2, za, 2, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a3, za, 3, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a4, za, 4, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a5, za, 5, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a6, za, 6, FWV, DV, VGS)
+    _store_field(part_acc_ptr, part, walked, a7, za, 7, FWV, DV, VGS)
+    tl.store(part_ml_ptr + part * 2, m_i, mask=walked)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=walked)
     if PDL:  # launched while the full-precision launch may still run: end after it, so that the
         gdc_wait()  # combine, which waits for this launch only, reads both launches' partials
