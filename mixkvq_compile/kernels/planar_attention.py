@@ -49,7 +49,9 @@ scoreboard 27.7% of all against 2.7% for kivi2's three stages); the gathers of t
 channels waited on the channel order the same way. With the prefetch the copies and gathers find their
 bytes in the L2: 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810 ms (``bench/decode_ab.py``,
 session 16 in ``docs/performance.md``). kivi2 gained 1-3%, but in the kernel that reads a mask its loop
-then spilled and was 15% slower (session 17).
+then spilled and was 15% slower (session 17). The next step's channel order and 4-bit scales also go to
+the L1 (``prefetch.global.L1``): 13 / 26 / 89 channels 1-1.5% faster, the default tiers unchanged
+(bfloat16, with a mask, 8 and 64 x 32k, session 18).
 
 Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE = 1/16`` first so
 that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
@@ -457,18 +459,24 @@ def _low_bits_scores(
 
 
 @triton.jit
-def _prefetch_l2(ptr, first, NBYTES: tl.constexpr):
-    """Ask the L2 for packed groups ``first`` and ``first + 1`` (flat index) of a region of ``NBYTES`` per
-    group at ``ptr``: one ``prefetch.global.L2`` per 128-byte step from their first byte, and one for
-    their last byte where they span 128 bytes or more (a span under 128 bytes that crosses a line gets
-    its first line only). At head_dim 128 at most 17 lines: one instruction per thread of one warp."""
+def _prefetch_l2(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
+    """Ask the L2 (the L1 with ``L1``) for packed groups ``first`` and ``first + 1`` (flat index) of a
+    region of ``NBYTES`` per group at ``ptr``: one ``prefetch.global.L2`` per 128-byte step from their
+    first byte, and one for their last byte where they span 128 bytes or more (a span under 128 bytes
+    that crosses a line gets its first line only). At head_dim 128 at most 17 lines: one instruction per
+    thread of one warp."""
     SPAN: tl.constexpr = 2 * NBYTES
     LP: tl.constexpr = triton.next_power_of_2(SPAN // 128 + 1)
     i = tl.arange(0, LP)
     addr = ptr.to(tl.pointer_type(tl.int8)) + first * NBYTES + tl.minimum(i * 128, SPAN - 1)
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
-    )
+    if L1:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
+        )
+    else:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
+        )
 
 
 @triton.jit
@@ -557,6 +565,11 @@ def _packed_groups(
         if PREFETCH > 0 and not INTERP:  # the pair PREFETCH steps ahead, to the L2
             ahead = tl.maximum(tl.minimum(gi + 2 * PREFETCH, last_pair), 0)
             _prefetch_pair(kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, tiers, ahead, D, DV, G, VGS, HIGH, MID)
+            if HIGH + MID > 0:  # the next pair's channel order and 4-bit scales, to the L1 (the gathers
+                nxt = tl.maximum(tl.minimum(gi + 2, last_pair), 0)  # of the query wait on them)
+                _prefetch_l2(tiers[4], nxt, HIGH + MID, True)
+                if MID > 0:
+                    _prefetch_l2(tiers[7], nxt, 2 * MID, True)
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
         s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
