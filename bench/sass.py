@@ -4,16 +4,21 @@
     python3 bench/sass.py --configs mixkvq --warps 2,4 --dtype bfloat16
     python3 bench/sass.py --configs kivi2 --top 40      # every opcode of the loop, not the 8 most frequent
     python3 bench/sass.py --compile-times               # seconds of each Triton compile stage instead
+    python3 bench/sass.py --mask --top 40               # both launches of a decode step with a mask
 
 Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel; a stand-in driver
 answers the only question the compiler asks (the target). The kernel is compiled exactly as
 ``decode_attention`` would launch it on a GPU (same constexprs, 16-byte alignment of every pointer),
 for 32 query heads over 8 KV heads, head_dim 128, groups of 32. For each configuration it prints
 the SASS instructions of the largest loop (two packed groups per iteration in the planar kernel),
-per warp and summed over the warps, and the most frequent opcodes: a cheap check of a kernel change
-before spending GPU time (fewer shared-memory round trips, fewer conversions). Counts are static,
-not a timing. ``--compile-times`` prints instead how long the kernel takes to compile from an empty
-Triton cache, per compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
+per warp and summed over the warps, the spill loads and stores in it (``LDL``, ``STL``) and the
+most frequent opcodes: a cheap check of a kernel change before spending GPU time (fewer shared-memory
+round trips, fewer conversions, fewer spills). With ``--mask`` the call passes an all-true bool mask
+``[1, 1, 1, tokens]``, as a model's decode step does, and each of the planar kernel's two launches is
+listed (``walk 1``: every range, without reading the mask; ``walk 2``: the ranges it does not keep
+whole). Counts are static, not a timing. ``--compile-times`` prints instead how long the kernel takes
+to compile from an empty Triton cache, per compile stage (``make_cubin`` runs ptxas): the JIT cost of
+a first call on this CPU.
 """
 
 from __future__ import annotations
@@ -76,10 +81,12 @@ def compiled_decode_kernels(
     query_len: int = 1,
     causal: bool = True,
     num_warps: int | None = None,
+    mask: bool = False,
 ) -> list[tuple[str, dict, object]]:
     """``(kernel name, launch keywords, compiled kernel)`` of every launch of one ``decode_attention``
-    call over 1000 tokens of a store of ``layout``, 32 query heads of ``query_len`` tokens, compiled for
-    the active driver's target and not launched (CPU tensors stand in for CUDA ones)."""
+    call over 1000 tokens of a store of ``layout``, 32 query heads of ``query_len`` tokens (with
+    ``mask``, an all-true bool mask ``[1, 1, query_len, 1000 + query_len]``), compiled for the active
+    driver's target and not launched (CPU tensors stand in for CUDA ones)."""
     kernels = []
     run = triton_jit.JITFunction.run
 
@@ -90,12 +97,13 @@ def compiled_decode_kernels(
 
     store = KVStore.open(layout, *allocate(layout, "cpu"))
     query = torch.zeros(1, 32, query_len, layout.head_dim, dtype=dtype)
+    attn_mask = torch.ones(1, 1, query_len, 1000 + query_len, dtype=torch.bool) if mask else None
     triton_jit.JITFunction.run = compile_only
     decode.check_kernel_device, check = (lambda device, caller: None), decode.check_kernel_device
     try:
         packed = layout.flushed_groups(1000)
         decode.decode_attention(
-            query, store, 1000, num_splits=4, num_warps=num_warps, packed=packed, causal=causal
+            query, store, 1000, attn_mask, num_splits=4, num_warps=num_warps, packed=packed, causal=causal
         )
     finally:
         triton_jit.JITFunction.run = run
@@ -103,14 +111,18 @@ def compiled_decode_kernels(
     return kernels
 
 
-def compile_packed_loop(config, dtype: torch.dtype, warps: int | None):
-    """The compiled packed-group kernel of a decode step, as ``decode_attention`` launches it (the
-    planar kernel for planar stores, such as kivi2 here)."""
+def compile_packed_loops(config, dtype: torch.dtype, warps: int | None, mask: bool = False) -> list:
+    """The compiled packed-group kernels of a decode step, as ``decode_attention`` launches them (the
+    planar kernel for planar stores, such as kivi2 here; twice with ``mask``), in launch order."""
     layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
-    for name, kwargs, kernel in compiled_decode_kernels(layout, dtype, num_warps=warps):
-        if name == "planar_split_kernel" or (name == "_attn_split_kernel" and not kwargs.get("FP_PART")):
-            return kernel
-    raise RuntimeError(f"no packed-group kernel among the launches for {config}")
+    kernels = [
+        kernel
+        for name, kwargs, kernel in compiled_decode_kernels(layout, dtype, num_warps=warps, mask=mask)
+        if name == "planar_split_kernel" or (name == "_attn_split_kernel" and not kwargs.get("FP_PART"))
+    ]
+    if not kernels:
+        raise RuntimeError(f"no packed-group kernel among the launches for {config}")
+    return kernels
 
 
 def disassemble(kernel) -> str:
@@ -153,7 +165,7 @@ def print_compile_times(configs: list[str], dtype: torch.dtype, warps: list, arc
             with tempfile.TemporaryDirectory() as cache:
                 os.environ["TRITON_CACHE_DIR"] = cache  # read at each compile (Triton 3.6 and 3.9)
                 started = time.perf_counter()
-                compile_packed_loop(CONFIGS[name], dtype, w)
+                compile_packed_loops(CONFIGS[name], dtype, w)
                 total = time.perf_counter() - started
             parts = ", ".join(f"{stage} {seconds:.2f}" for stage, (_, seconds) in stages.items())
             print(f"{name:>14} warps {w or 'default'}: {total:.2f} s ({parts})")
@@ -171,6 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-times", action="store_true", help="seconds per compile stage (empty cache), not SASS"
     )
+    parser.add_argument("--mask", action="store_true", help="with an all-true bool mask: both launches")
     args = parser.parse_args()
     driver.set_active(TargetOnlyDriver(args.arch))
     warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
@@ -181,15 +194,23 @@ def main() -> None:
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; "
         "SASS instructions per iteration of the packed-group loop"
     )
-    print(f"{'config':>14} {'warps':>5} {'per warp':>8} {'all warps':>9}  top opcodes")
+    print(
+        f"{'config':>14} {'launch':>7} {'warps':>5} {'per warp':>8} {'all warps':>9} {'LDL':>4} {'STL':>4}  "
+        "top opcodes"
+    )
     for name in args.configs.split(","):
         for w in warps:
-            kernel = compile_packed_loop(CONFIGS[name], getattr(torch, args.dtype), w)
-            loop = largest_loop(disassemble(kernel))
-            per_warp = sum(loop.values())
-            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
-            nw = kernel.metadata.num_warps
-            print(f"{name:>14} {nw:>5} {per_warp:>8} {per_warp * nw:>9}  {top}")
+            kernels = compile_packed_loops(CONFIGS[name], getattr(torch, args.dtype), w, args.mask)
+            for i, kernel in enumerate(kernels):
+                loop = largest_loop(disassemble(kernel))
+                per_warp = sum(loop.values())
+                top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
+                nw = kernel.metadata.num_warps
+                launch = f"walk {i + 1}" if args.mask else "-"
+                print(
+                    f"{name:>14} {launch:>7} {nw:>5} {per_warp:>8} {per_warp * nw:>9} {loop['LDL']:>4} "
+                    f"{loop['STL']:>4}  {top}"
+                )
 
 
 if __name__ == "__main__":
