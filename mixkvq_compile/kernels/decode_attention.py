@@ -945,6 +945,7 @@ def decode_attention(
         # spilled more in the first (MixKVQ's default tiers, Triton 3.6: 58 LDL per step against 34).
         # H200, bfloat16, 64 x 32k, all-true mask: MixKVQ default 1.305 -> 1.213 ms, kivi2 0.707 ->
         # 0.677 (0.676 without a mask); e2e step at 64 rows 51.95 -> 47.74 ms (session 18).
+        prefetch = prefetch_steps(lay)  # each step asks the L2 for the next step's groups
         for masked_walk in (False, True) if mask_kind else (False,):
             planar_split_kernel[(bh, num_splits, q_blocks)](
                 query,
@@ -969,7 +970,7 @@ def decode_attention(
                 # ms, 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
                 num_stages=num_stages or (2 if lay.planar_mixed else 3),
                 PDL=overlap,
-                PREFETCH=prefetch_steps(lay),  # each step asks the L2 for the next step's groups
+                PREFETCH=prefetch,
                 launch_pdl=overlap,
             )
     elif num_splits:

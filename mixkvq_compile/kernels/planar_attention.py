@@ -459,7 +459,7 @@ def _low_bits_scores(
 
 
 @triton.jit
-def _prefetch_l2(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
+def _prefetch_lines(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
     """Ask the L2 (the L1 with ``L1``) for packed groups ``first`` and ``first + 1`` (flat index) of a
     region of ``NBYTES`` per group at ``ptr``: one ``prefetch.global.L2`` per 128-byte step from their
     first byte, and one for their last byte where they span 128 bytes or more (a span under 128 bytes
@@ -498,17 +498,28 @@ def _prefetch_pair(
     ``_packed_groups`` reads: codes, scales and zero points, and for mixed tiers the channel order,
     the 16-bit values and the 4-bit tier's low bits and scales (``tiers`` as in ``_group_scores``)."""
     _q_ptr, _q_off, _row_ok, _sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr = tiers
-    _prefetch_l2(kc_ptr, first, G * D // 4)
-    _prefetch_l2(kqp_ptr, first, 4 * D)
-    _prefetch_l2(vc_ptr, first, G * DV // 4)
-    _prefetch_l2(vqp_ptr, first, 4 * (DV // VGS) * G)
+    _prefetch_lines(kc_ptr, first, G * D // 4)
+    _prefetch_lines(kqp_ptr, first, 4 * D)
+    _prefetch_lines(vc_ptr, first, G * DV // 4)
+    _prefetch_lines(vqp_ptr, first, 4 * (DV // VGS) * G)
     if HIGH + MID > 0:
-        _prefetch_l2(order_ptr, first, HIGH + MID)
+        _prefetch_lines(order_ptr, first, HIGH + MID)
     if HIGH > 0:
-        _prefetch_l2(hi_ptr, first, HIGH * G * 2)  # float16 or bfloat16
+        _prefetch_lines(hi_ptr, first, HIGH * G * 2)  # float16 or bfloat16
     if MID > 0:
-        _prefetch_l2(lo_ptr, first, MID * G // 4)
-        _prefetch_l2(s4_ptr, first, 2 * MID)
+        _prefetch_lines(lo_ptr, first, MID * G // 4)
+        _prefetch_lines(s4_ptr, first, 2 * MID)
+
+
+@triton.jit
+def _prefetch_channels_l1(tiers, first, HIGH: tl.constexpr, MID: tl.constexpr):
+    """Prefetch into the L1 the channel order and 4-bit scales of packed groups ``first`` and
+    ``first + 1`` (``tiers`` as in ``_group_scores``): the gathers of the query at the tier channels
+    wait on these loads. Mixed tiers only."""
+    _q_ptr, _q_off, _row_ok, _sqd, order_ptr, _hi_ptr, _lo_ptr, s4_ptr = tiers
+    _prefetch_lines(order_ptr, first, HIGH + MID, True)
+    if MID > 0:
+        _prefetch_lines(s4_ptr, first, 2 * MID, True)
 
 
 @triton.jit
@@ -565,11 +576,8 @@ def _packed_groups(
         if PREFETCH > 0 and not INTERP:  # the pair PREFETCH steps ahead, to the L2
             ahead = tl.maximum(tl.minimum(gi + 2 * PREFETCH, last_pair), 0)
             _prefetch_pair(kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, tiers, ahead, D, DV, G, VGS, HIGH, MID)
-            if HIGH + MID > 0:  # the next pair's channel order and 4-bit scales, to the L1 (the gathers
-                nxt = tl.maximum(tl.minimum(gi + 2, last_pair), 0)  # of the query wait on them)
-                _prefetch_l2(tiers[4], nxt, HIGH + MID, True)
-                if MID > 0:
-                    _prefetch_l2(tiers[7], nxt, 2 * MID, True)
+            if HIGH + MID > 0:  # the next pair's channel order and 4-bit scales, to the L1
+                _prefetch_channels_l1(tiers, tl.maximum(tl.minimum(gi + 2, last_pair), 0), HIGH, MID)
         ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
         s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
