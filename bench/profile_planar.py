@@ -8,7 +8,8 @@
 For where the warps wait, per instruction: ``bench/ncu_stalls.py`` (its docstring has the commands).
 
 Runs ``decode_attention`` three times on a store of quantized random keys and values (bench/kernels.py's
-``random_store``), so the profiled launch is compiled and warm.
+``random_store``), so the profiled launch is compiled and warm. ``--dtype`` is the query's and the
+store's, as in ``bench/e2e.py``'s model (until 2026-11-27 the store was float16 whatever the query).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ if __name__ == "__main__":
     parser.add_argument("--config", default="kivi2", choices=sorted(CONFIGS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = parser.parse_args()
-    store = kb.random_store(CONFIGS[args.config], 8, 32768)
-    q = torch.randn(8, 32, 1, 128, dtype=getattr(torch, args.dtype), device="cuda")
+    dtype = getattr(torch, args.dtype)
+    store = kb.random_store(CONFIGS[args.config], 8, 32768, dtype)
+    q = torch.randn(8, 32, 1, 128, dtype=dtype, device="cuda")
     for _ in range(3):
         decode_attention(q, store, 32768, packed=store.layout.flushed_groups(32768))
     torch.cuda.synchronize()
