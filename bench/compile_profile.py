@@ -13,7 +13,8 @@ and of the first call:
 - Dynamo's and Inductor's phases (``torch._dynamo.utils.compilation_time_metrics``, the
   ten longest); the recompiles of both calls are logged as they happen (a line each, with the guard
   that failed);
-- seconds in ``PassManager`` (the mixkvq passes) and in ``compile_fx`` for the mixkvq methods;
+- seconds in ``PassManager`` (the mixkvq passes) and in ``compile_fx`` for the mixkvq methods, and
+  the decode graph's first run waiting for its kernels' compile thread (``prewarm wait``);
 - per Triton ``@triton.jit`` kernel run in this process, the variants compiled and their seconds
   (``JITFunction._do_compile``: a compile, or a load from the disk cache), and the seconds of each
   compile stage over them (``make_cubin`` runs ptxas), and of building their C launchers with the
@@ -71,6 +72,30 @@ def time_triton_stages(totals: dict) -> None:
         _timed(CUDABackend, stage, totals, lambda *a, _stage=stage, **k: _stage)
 
 
+def time_prewarm_wait(totals: dict) -> None:
+    """Add to ``totals["prewarm wait"]`` the seconds each compiled graph's first run waits for the thread
+    that compiles its decode kernels (``mixkvq_compile.prewarm``): the part of that compile Inductor's
+    own did not cover."""
+    from mixkvq_compile import prewarm
+
+    original = prewarm.join_before_first_call
+
+    def join_before_first_call(compiled, thread):
+        join = thread.join
+
+        def timed_join(*args, **kwargs):
+            started = time.perf_counter()
+            join(*args, **kwargs)
+            entry = totals.setdefault("prewarm wait", [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - started
+
+        thread.join = timed_join
+        return original(compiled, thread)
+
+    prewarm.join_before_first_call = join_before_first_call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +144,7 @@ def main() -> None:
     _timed(PassManager, "__call__", phases, lambda *a, **k: "mixkvq passes")
     # The mixkvq backend and Dynamo's Inductor backend import compile_fx from its module at each call.
     _timed(compile_fx, "compile_fx", phases, lambda *a, **k: "compile_fx (Inductor)")
+    time_prewarm_wait(phases)
 
     e2e.register_baselines()
     torch.manual_seed(0)

@@ -8,6 +8,7 @@
     python3 bench/decode_ab.py --stages default,2,3     # software-pipelining depth of the packed groups
     python3 bench/decode_ab.py --dtype bfloat16         # query and store in bfloat16, as in bench/e2e.py
     python3 bench/decode_ab.py --mask bool              # an all-true mask, as in bench/e2e.py
+    python3 bench/decode_ab.py --maxnreg default,168    # the planar kernel's registers capped (occupancy)
 
 For each batch x context (32 query heads over 8 KV heads, head_dim 128, float16 unless ``--dtype``) and
 each quantization setting it prints the decode step's time (median of ``triton.testing.do_bench`` over a
@@ -22,7 +23,11 @@ choice), since the error of a program's walk over many groups may grow with its 
 session 12: 2.4e-2 at 8 x 32k with one split against 2.1e-3 with the default; with the walk's value sums
 in float32, 7.7e-4 and 7.4e-4). ``--stages`` and ``--fp-stages`` do the same for the stage counts of the
 packed-group and the full-precision launches, and ``--pdl`` for ``MIXKVQ_PDL`` (the overlapped launches
-of ``kernels._runtime.overlap_launches``; an older package copy may ignore it).
+of ``kernels._runtime.overlap_launches``; an older package copy may ignore it). ``--maxnreg`` caps the
+registers of the planar packed-group kernel (Triton's ``maxnreg``, passed by wrapping its launcher for
+that one kernel: ``decode_attention`` has no such option): at one warp per program, 255 registers let 8
+programs share an SM, 168 let 12 and 128 let 16 (ptxas may then spill). With a cap, the ``default``
+split count is the one ``decode_attention`` would pick for that many resident programs per SM.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.runtime import jit as triton_jit
 
 sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # last: a package copy on PYTHONPATH wins
 
@@ -88,6 +94,20 @@ def set_pdl(flag: str) -> None:
         os.environ["MIXKVQ_PDL"] = flag
 
 
+LAUNCH = triton_jit.JITFunction.run
+
+
+def cap_planar_registers(cap: int | None) -> None:
+    """Launch the planar packed-group kernel with ``maxnreg=cap`` from now on (None: uncapped)."""
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if self.fn.__name__ == "planar_split_kernel":
+            kwargs["maxnreg"] = cap
+        return LAUNCH(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    triton_jit.JITFunction.run = LAUNCH if cap is None else run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,8 +134,12 @@ def main() -> None:
     parser.add_argument(
         "--pdl", default="default", help="comma-separated MIXKVQ_PDL settings: default (unset), 0, 1"
     )
+    parser.add_argument(
+        "--maxnreg", default="default", help="comma-separated register caps of the planar kernel, or default"
+    )
     args = parser.parse_args()
     splits = counts(parser, "--splits", args.splits)
+    caps = counts(parser, "--maxnreg", args.maxnreg)
     loop_stages = counts(parser, "--stages", args.stages)
     fp_stages = counts(parser, "--fp-stages", args.fp_stages)
     pdl = args.pdl.split(",")
@@ -131,7 +155,8 @@ def main() -> None:
         f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
         f"GPU {describe(gpu_state())}"
     )
-    columns = ("shape", 9), ("config", 15), ("splits", 7), ("stages", 7), ("fp st", 7), ("pdl", 7)
+    columns = ("shape", 9), ("config", 15), ("maxnreg", 7), ("splits", 7), ("stages", 7), ("fp st", 7)
+    columns += (("pdl", 7),)
     columns += ("ours ms", 8), ("cudnn ms", 8), ("x cudnn", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
@@ -150,22 +175,28 @@ def main() -> None:
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx, dtype)
             packed = store.layout.flushed_groups(ctx)
-            for n_splits, stages, fp, flag in itertools.product(splits, loop_stages, fp_stages, pdl):
+            for cap, n_splits, stages, fp, flag in itertools.product(
+                caps, splits, loop_stages, fp_stages, pdl
+            ):
                 set_pdl(flag)
+                cap_planar_registers(cap)
                 kw = {"packed": packed, "num_splits": n_splits, "num_stages": stages, "fp_stages": fp}
+                if n_splits is None and cap is not None:  # one-warp programs per SM under the cap
+                    kw["num_splits"] = decode_splits(batch, packed, per_sm=65536 // (32 * cap))
                 err = relative_error(decode_attention(q, store, ctx, mask, **kw), q, store, ctx)
                 ours = bench_graph(
                     lambda s=store, q=q, n=ctx, m=mask, kw=kw: decode_attention(q, s, n, m, **kw)
                 )
-                labels = ["default" if n is None else str(n) for n in (n_splits, stages, fp)]
-                if n_splits is None:  # the count decode_attention picks
-                    labels[0] = f"d={decode_splits(batch, packed)}"
+                labels = ["default" if n is None else str(n) for n in (cap, n_splits, stages, fp)]
+                if n_splits is None:  # the count decode_attention picks (for the cap's programs per SM)
+                    labels[1] = f"d={kw['num_splits']}" if cap else f"d={decode_splits(batch, packed)}"
                 print(
                     f"{shape:>9} {name:>15} {' '.join(f'{x:>7}' for x in labels)} {flag:>7} {ours:8.4f} "
                     f"{base:8.4f} {base / ours:7.2f} {err:8.1e}",
                     flush=True,
                 )
             set_pdl("default")
+            cap_planar_registers(None)
             del store
             torch.cuda.empty_cache()
     print(f"GPU at the end: {describe(gpu_state())}")
