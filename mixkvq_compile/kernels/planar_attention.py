@@ -20,8 +20,9 @@ channel are folded into the other operand and the zero points are small matrix p
 - scores: ``sum_f (q_f * s_f * 4**-e_f) @ B_f * 2**24 + q . z`` per group, ``q_f`` the query channels
   of field ``f`` and ``B_f`` the unpacked field, ``[D / 8, G]``; ``q . z`` (one number per query row)
   is the first column of ``q_f @ broadcast(z_f)`` over 16 columns, the smallest tensor-core product;
-- values: ``acc_f += (p * vs) @ B_f`` per field (``p`` scaled by the value scale of the field's value
-  group) and ``acc_f * 4**e_f * 2**24 + p @ VZ^T`` at the end, ``VZ [NVG, G]`` the value zeros.
+- values, transposed: ``acc_f += B_f^T @ (p * vs)^T`` per field (``p`` scaled by the value scale of
+  the field's value group; ``acc_f [DV / 8, rows]``) and ``acc_f * 4**e_f * 2**24 + VZ @ p^T`` at the
+  end, ``VZ [NVG, G]`` the value zeros.
 
 Each group's scales and zero points are loaded at the top of its iteration as ``[D / 8, 8]`` and
 ``[G, 8]`` tiles (column f for field f, split in registers). Loaded inside the field loop they were
@@ -39,6 +40,21 @@ reasons "selected" and "wait"), so it is written for few instructions per group:
   rescales the scores, and no causal test over packed tokens for one query (they all precede it).
 Static SASS of the loop, per group (Triton 3.6, sm_90, 4 query rows): 769 -> 586 instructions
 against the one-group, 16-row loop; H200 at 8 x 32k: 0.133 -> 0.097 ms.
+
+Why the value sums are transposed: the tensor-core product is 16 rows by 8 columns, so ``p @ B_f`` with
+4 query rows as its rows computes 16 rows, 12 of them padding, and each thread holds 8 float32 sums
+per field of which 6 are padding; ``B_f^T @ p^T`` has the 16 value channels of a field as rows and the
+query rows as columns (padded to 8): half the products and half the sums, so half the multiply-adds
+that rescale them each step. ``p`` as the second operand costs no data movement: the score product's
+result layout (rows ``t / 4``, columns ``2 (t % 4)``) is the operand layout of its transpose, and the
+transposition is taken once per group, before the value scales (a transposition per value group went
+through shared memory). The scores stay untransposed: transposed as well, ``p^T`` comes out of that
+product in a layout that must be shuffled into the operand one (offline, kivi2: 1050 instructions per
+step against 1000). Offline, per step of two groups, against the untransposed sums (Triton 3.6, sm_90,
+bfloat16, the launch that does not read the mask): kivi2 1196 -> 1000 instructions, MixKVQ's default
+tiers 1793 -> 1624 with 49 -> 24 spill loads, 13 / 26 / 89 channels 2089 -> 1916 with 57 -> 27.
+Measured (H100, bfloat16, all-true mask, ``bench/decode_ab.py``, session 19 in
+``docs/performance.md``): kivi2 3-5% faster, MixKVQ's default tiers 16-19%, 13 / 26 / 89 12-14%.
 
 For stores of mixed key tiers (``PREFETCH``, ``_runtime.prefetch_steps``), each step of two groups first
 asks the L2 for the next step's bytes (``_prefetch_pair``: one ``prefetch.global.L2`` per 128-byte line,
@@ -225,7 +241,7 @@ def _group_values(
     p,
     vc_ptr,
     vscale,
-    vzt,
+    vz,
     gi,
     a0,
     a1,
@@ -241,23 +257,24 @@ def _group_values(
     VGS: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """``acc_f += (p * vs) @ B_f`` for the 8 value fields of group ``gi`` and ``za += p @ VZ^T``.
-    ``vscale [G, 8]``: column f the value scales of field f's value group; ``vzt [G, 16]``: the value
-    zero points of the group's value groups (columns past them 0); both loaded by the caller."""
+    """``acc_f += B_f^T @ (p * vs)^T`` for the 8 value fields of group ``gi`` and ``za += VZ @ p^T``:
+    the sums transposed, ``[DV / 8, BLOCK_M]`` and ``[16, BLOCK_M]``. ``vscale [G, 8]``: column f the
+    value scales of field f's value group; ``vz [16, G]``: the value zero points of the group's value
+    groups (rows past them 0); both loaded by the caller."""
     FW: tl.constexpr = DV // 8
     FPG: tl.constexpr = VGS // FW  # fields per value group
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
-    words = tl.trans(tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :]))  # [G, FW] int16
+    words = tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :])  # [FW, G] int16
     vs0, vs1, vs2, vs3, vs4, vs5, vs6, vs7 = _split8(vscale)
-    p16 = p.to(tl.float16)
-    za = tl.dot(p16, vzt, za)
-    pf = p16
+    pt = tl.trans(p.to(tl.float16))  # [G, BLOCK_M]
+    za = tl.dot(vz, pt, za)
+    pf = pt
     for f in tl.static_range(8):
         if f % FPG == 0:  # one operand p * vs per value group, in float16 (paired multiplies)
             vs = _pick(vs0, vs1, vs2, vs3, vs4, vs5, vs6, vs7, f)
-            pf = p16 * vs[None, :].to(tl.float16)
-        d = tl.dot(pf, _field(words, f, INTERP))
+            pf = pt * vs[:, None].to(tl.float16)
+        d = tl.dot(_field(words, f, INTERP), pf)
         if f == 0:
             a0 = a0 + d
         elif f == 1:
@@ -282,7 +299,7 @@ def _group_values_from_zero(
     p,
     vc_ptr,
     vscale,
-    vzt,
+    vz,
     gi,
     BLOCK_M: tl.constexpr,
     DV: tl.constexpr,
@@ -292,10 +309,10 @@ def _group_values_from_zero(
 ):
     """``_group_values`` of group ``gi`` into sums that start at zero: a step's products, which
     ``_rescale_add`` then adds to the walk's running sums in float32."""
-    zero = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    za = tl.zeros([BLOCK_M, 16], tl.float32)
+    zero = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    za = tl.zeros([16, BLOCK_M], tl.float32)
     return _group_values(
-        p, vc_ptr, vscale, vzt, gi, zero, zero, zero, zero, zero, zero, zero, zero, za, DV, G, VGS, INTERP
+        p, vc_ptr, vscale, vz, gi, zero, zero, zero, zero, zero, zero, zero, zero, za, DV, G, VGS, INTERP
     )
 
 
@@ -305,8 +322,8 @@ def _group_qparams(
 ):
     """The scales and zero points of packed group ``gi`` as tiles (see the module docstring): key scales
     and zeros ``[D / 8, 8]`` (column f: the channels of field f), value scales ``[G, 8]`` (column f: the
-    scale of field f's value group, per token) and value zeros ``[G, 16]`` (column g: value group g;
-    columns past the groups 0)."""
+    scale of field f's value group, per token) and value zeros ``[16, G]`` (row g: value group g;
+    rows past the groups 0)."""
     FW: tl.constexpr = D // 8
     FWV: tl.constexpr = DV // 8
     NVG: tl.constexpr = DV // VGS
@@ -319,8 +336,8 @@ def _group_qparams(
     kzero = tl.load(kq + D + fi[None, :] * FW + jk[:, None])
     vq = vqp_ptr + gi * (2 * NVG * G)
     vscale = tl.load(vq + ((fi * FWV) // VGS)[None, :] * G + tok[:, None])
-    vzt = tl.load(vq + NVG * G + vcol[None, :] * G + tok[:, None], mask=(vcol < NVG)[None, :], other=0.0)
-    return kscale, kzero, vscale, vzt
+    vz = tl.load(vq + NVG * G + vcol[:, None] * G + tok[None, :], mask=(vcol < NVG)[:, None], other=0.0)
+    return kscale, kzero, vscale, vz
 
 
 @triton.jit
@@ -338,7 +355,7 @@ def _rescale_add(alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, 
     """``a * alpha + b`` for the 9 accumulators: one step's products ``b`` join the running sums ``a``
     in float32 multiply-adds, not as the accumulator of the tensor-core products (where Triton would put
     ``a + dot(x, y)``, the running sum then taking every product of the walk inside the tensor cores)."""
-    c = alpha[:, None]
+    c = alpha[None, :]
     return (
         a0 * c + b0,
         a1 * c + b1,
@@ -360,9 +377,9 @@ def _store_field(
     the zero term of its value group."""
     c = tl.arange(0, FW)
     g: tl.constexpr = (F_ * FW) // VGS
-    zc = tl.sum(tl.where((tl.arange(0, 16) == g)[None, :], za, 0.0), 1)
-    a = a * (_inv_weight(F_) * 16777216.0) + zc[:, None]
-    tl.store(part_acc_ptr + part[:, None] * DV + F_ * FW + c[None, :], a, mask=row_ok[:, None])
+    zc = tl.sum(tl.where((tl.arange(0, 16) == g)[:, None], za, 0.0), 0)
+    a = a * (_inv_weight(F_) * 16777216.0) + zc[None, :]
+    tl.store(part_acc_ptr + part[None, :] * DV + F_ * FW + c[:, None], a, mask=row_ok[None, :])
 
 
 @triton.jit
@@ -555,19 +572,19 @@ def _packed_groups(
     """Online softmax over packed groups ``g0 .. g1 - 1`` (flat index ``base + grp``) of query rows
     ``qs`` (the 8 query fields, ``_load_query_field``; ``tiers`` as in ``_group_scores``): the running
     max ``m [BLOCK_M]`` and sum ``l [BLOCK_M]`` of the base-2 scores, the 8 field accumulators
-    ``[BLOCK_M, DV / 8]`` and the value-zero accumulator ``[BLOCK_M, 16]`` (``_group_values``)."""
+    ``[DV / 8, BLOCK_M]`` and the value-zero accumulator ``[16, BLOCK_M]`` (``_group_values``)."""
     tok = tl.arange(0, G)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    a0 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a1 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a2 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a3 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a4 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a5 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a6 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    a7 = tl.zeros([BLOCK_M, DV // 8], tl.float32)
-    za = tl.zeros([BLOCK_M, 16], tl.float32)
+    a0 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a1 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a2 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a3 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a4 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a5 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a6 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    a7 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
+    za = tl.zeros([16, BLOCK_M], tl.float32)
     # Two packed groups per step: one online-softmax rescale of the accumulators for 64 tokens, and two
     # independent chains of tensor-core products for the scheduler to interleave.
     last_pair = base + g1 - 2
