@@ -45,10 +45,10 @@ Why the value sums are transposed: the tensor-core product is 16 rows by 8 colum
 4 query rows as its rows computes 16 rows, 12 of them padding, and each thread holds 8 float32 sums
 per field of which 6 are padding; ``B_f^T @ p^T`` has the 16 value channels of a field as rows and the
 query rows as columns (padded to 8): half the products and half the sums, so half the multiply-adds
-that rescale them each step. ``p`` as the second operand costs no data movement: the score product's
-result layout (rows ``t / 4``, columns ``2 (t % 4)``) is the operand layout of its transpose, and the
-transposition is taken once per group, before the value scales (a transposition per value group went
-through shared memory). The scores stay untransposed: transposed as well, ``p^T`` comes out of that
+that rescale them each step. Taken once per group, before the value scales, the transposition of ``p``
+compiles without shared memory (Triton 3.6: no ``STSM`` in the loop; the score product's result layout,
+rows ``t / 4`` and columns ``2 (t % 4)`` of thread ``t``, is its transpose's operand layout); taken
+after each value group's scaling, it went through shared memory (``STSM``, 20 barriers per step). The scores stay untransposed: transposed as well, ``p^T`` comes out of that
 product in a layout that must be shuffled into the operand one (offline, kivi2: 1050 instructions per
 step against 1000). Offline, per step of two groups, against the untransposed sums (Triton 3.6, sm_90,
 bfloat16, the launch that does not read the mask): kivi2 1196 -> 1000 instructions, MixKVQ's default
