@@ -5,6 +5,7 @@
     python3 bench/sass.py --configs kivi2 --top 40      # every opcode of the loop, not the 8 most frequent
     python3 bench/sass.py --compile-times               # seconds of each Triton compile stage instead
     python3 bench/sass.py --mask --top 40               # both launches of a decode step with a mask
+    python3 bench/sass.py --query-len 4 --maxnreg default,200   # a query chunk; registers capped
 
 Triton compiles ahead of time with the ptxas and nvdisasm that ship in its wheel; a stand-in driver
 answers the only question the compiler asks (the target). The kernel is compiled exactly as
@@ -16,15 +17,19 @@ most frequent opcodes: a cheap check of a kernel change before spending GPU time
 round trips, fewer conversions, fewer spills). With ``--mask`` the call passes an all-true bool mask
 ``[1, 1, 1, tokens]``, as a model's decode step does, and each of the planar kernel's two launches is
 listed (``walk 1``: every range, without reading the mask; ``walk 2``: the ranges it does not keep
-whole). Counts are static, not a timing. ``--compile-times`` prints instead how long the kernel takes
-to compile from an empty Triton cache, per compile stage (``make_cubin`` runs ptxas): the JIT cost of
-a first call on this CPU.
+whole). ``--query-len`` compiles for a query chunk of that many tokens (4 query heads per KV head:
+``4 * query_len`` rows), ``--maxnreg`` with the planar kernel's registers capped (Triton's ``maxnreg``,
+as ``bench/decode_ab.py --maxnreg`` launches it); the ``regs`` column is each kernel's register count
+(``cuobjdump --dump-resource-usage``). Counts are static, not a timing. ``--compile-times`` prints
+instead how long the kernel takes to compile from an empty Triton cache, per compile stage
+(``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -82,15 +87,19 @@ def compiled_decode_kernels(
     causal: bool = True,
     num_warps: int | None = None,
     mask: bool = False,
+    maxnreg: int | None = None,
 ) -> list[tuple[str, dict, object]]:
     """``(kernel name, launch keywords, compiled kernel)`` of every launch of one ``decode_attention``
     call over 1000 tokens of a store of ``layout``, 32 query heads of ``query_len`` tokens (with
     ``mask``, an all-true bool mask ``[1, 1, query_len, 1000 + query_len]``), compiled for the active
-    driver's target and not launched (CPU tensors stand in for CUDA ones)."""
+    driver's target and not launched (CPU tensors stand in for CUDA ones); ``maxnreg`` caps the planar
+    kernel's registers."""
     kernels = []
     run = triton_jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
+        if maxnreg is not None and self.fn.__name__ == "planar_split_kernel":
+            kwargs["maxnreg"] = maxnreg
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         kernels.append((self.fn.__name__, kwargs, kernel))
         return kernel
@@ -111,13 +120,23 @@ def compiled_decode_kernels(
     return kernels
 
 
-def compile_packed_loops(config, dtype: torch.dtype, warps: int | None, mask: bool = False) -> list:
+def compile_packed_loops(
+    config,
+    dtype: torch.dtype,
+    warps: int | None,
+    mask: bool = False,
+    query_len: int = 1,
+    maxnreg: int | None = None,
+) -> list:
     """The compiled packed-group kernels of a decode step, as ``decode_attention`` launches them (the
     planar kernel for planar stores, such as kivi2 here; twice with ``mask``), in launch order."""
     layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
+    launches = compiled_decode_kernels(
+        layout, dtype, query_len=query_len, num_warps=warps, mask=mask, maxnreg=maxnreg
+    )
     kernels = [
         kernel
-        for name, kwargs, kernel in compiled_decode_kernels(layout, dtype, num_warps=warps, mask=mask)
+        for name, kwargs, kernel in launches
         if name == "planar_split_kernel" or (name == "_attn_split_kernel" and not kwargs.get("FP_PART"))
     ]
     if not kernels:
@@ -132,6 +151,20 @@ def disassemble(kernel) -> str:
         return subprocess.run(
             [os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True
         ).stdout
+
+
+def registers(kernel) -> int:
+    """Registers per thread of a compiled kernel (``cuobjdump --dump-resource-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run(
+            [os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def largest_loop(sass: str) -> collections.Counter:
@@ -184,33 +217,39 @@ def main() -> None:
         "--compile-times", action="store_true", help="seconds per compile stage (empty cache), not SASS"
     )
     parser.add_argument("--mask", action="store_true", help="with an all-true bool mask: both launches")
+    parser.add_argument("--query-len", type=int, default=1, help="query tokens per KV head's query heads")
+    parser.add_argument("--maxnreg", default="default", help="comma-separated register caps, or 'default'")
     args = parser.parse_args()
+    if args.query_len < 1:
+        parser.error("--query-len must be at least 1")
     driver.set_active(TargetOnlyDriver(args.arch))
     warps = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
+    caps = [None if c == "default" else int(c) for c in args.maxnreg.split(",")]
     if args.compile_times:
         print_compile_times(args.configs.split(","), getattr(torch, args.dtype), warps, args.arch)
         return
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}; "
-        "SASS instructions per iteration of the packed-group loop"
+        f"SASS instructions per iteration of the packed-group loop; query length {args.query_len}"
     )
     print(
-        f"{'config':>14} {'launch':>7} {'warps':>5} {'per warp':>8} {'all warps':>9} {'LDL':>4} {'STL':>4}  "
-        "top opcodes"
+        f"{'config':>14} {'launch':>7} {'warps':>5} {'maxnreg':>7} {'regs':>4} {'per warp':>8} "
+        f"{'all warps':>9} {'LDL':>4} {'STL':>4}  top opcodes"
     )
-    for name in args.configs.split(","):
-        for w in warps:
-            kernels = compile_packed_loops(CONFIGS[name], getattr(torch, args.dtype), w, args.mask)
-            for i, kernel in enumerate(kernels):
-                loop = largest_loop(disassemble(kernel))
-                per_warp = sum(loop.values())
-                top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
-                nw = kernel.metadata.num_warps
-                launch = f"walk {i + 1}" if args.mask else "-"
-                print(
-                    f"{name:>14} {launch:>7} {nw:>5} {per_warp:>8} {per_warp * nw:>9} {loop['LDL']:>4} "
-                    f"{loop['STL']:>4}  {top}"
-                )
+    for name, w, cap in itertools.product(args.configs.split(","), warps, caps):
+        kernels = compile_packed_loops(
+            CONFIGS[name], getattr(torch, args.dtype), w, args.mask, args.query_len, cap
+        )
+        for i, kernel in enumerate(kernels):
+            loop = largest_loop(disassemble(kernel))
+            per_warp = sum(loop.values())
+            top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
+            nw = kernel.metadata.num_warps
+            launch = f"walk {i + 1}" if args.mask else "-"
+            print(
+                f"{name:>14} {launch:>7} {nw:>5} {cap or 'default':>7} {registers(kernel):>4} {per_warp:>8} "
+                f"{per_warp * nw:>9} {loop['LDL']:>4} {loop['STL']:>4}  {top}"
+            )
 
 
 if __name__ == "__main__":
