@@ -20,9 +20,10 @@ listed (``walk 1``: every range, without reading the mask; ``walk 2``: the range
 whole). ``--query-len`` compiles for a query chunk of that many tokens (4 query heads per KV head:
 ``4 * query_len`` rows), ``--maxnreg`` with the planar kernel's registers capped (Triton's ``maxnreg``,
 as ``bench/decode_ab.py --maxnreg`` launches it); the ``regs`` column is each kernel's register count
-(``cuobjdump --dump-resource-usage``). Counts are static, not a timing. ``--compile-times`` prints
-instead how long the kernel takes to compile from an empty Triton cache, per compile stage
-(``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
+(``cuobjdump --dump-resource-usage``); ``--stages`` sets the packed-group launch's pipeline depth, and
+``MIXKVQ_PREFETCH`` is read as by ``decode_attention``. Counts are static, not a timing.
+``--compile-times`` prints instead how long the kernel takes to compile from an empty Triton cache, per
+compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
 """
 
 from __future__ import annotations
@@ -88,12 +89,13 @@ def compiled_decode_kernels(
     num_warps: int | None = None,
     mask: bool = False,
     maxnreg: int | None = None,
+    num_stages: int | None = None,
 ) -> list[tuple[str, dict, object]]:
     """``(kernel name, launch keywords, compiled kernel)`` of every launch of one ``decode_attention``
     call over 1000 tokens of a store of ``layout``, 32 query heads of ``query_len`` tokens (with
     ``mask``, an all-true bool mask ``[1, 1, query_len, 1000 + query_len]``), compiled for the active
     driver's target and not launched (CPU tensors stand in for CUDA ones); ``maxnreg`` caps the planar
-    kernel's registers."""
+    kernel's registers, ``num_stages`` is ``decode_attention``'s (None: its default)."""
     kernels = []
     run = triton_jit.JITFunction.run
 
@@ -112,7 +114,15 @@ def compiled_decode_kernels(
     try:
         packed = layout.flushed_groups(1000)
         decode.decode_attention(
-            query, store, 1000, attn_mask, num_splits=4, num_warps=num_warps, packed=packed, causal=causal
+            query,
+            store,
+            1000,
+            attn_mask,
+            num_splits=4,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            packed=packed,
+            causal=causal,
         )
     finally:
         triton_jit.JITFunction.run = run
@@ -127,12 +137,13 @@ def compile_packed_loops(
     mask: bool = False,
     query_len: int = 1,
     maxnreg: int | None = None,
+    num_stages: int | None = None,
 ) -> list:
     """The compiled packed-group kernels of a decode step, as ``decode_attention`` launches them (the
     planar kernel for planar stores, such as kivi2 here; twice with ``mask``), in launch order."""
     layout = StoreLayout.create(config, 1, 8, 1024 + 64, 128, 128, dtype)
     launches = compiled_decode_kernels(
-        layout, dtype, query_len=query_len, num_warps=warps, mask=mask, maxnreg=maxnreg
+        layout, dtype, query_len=query_len, num_warps=warps, mask=mask, maxnreg=maxnreg, num_stages=num_stages
     )
     kernels = [
         kernel
@@ -219,6 +230,7 @@ def main() -> None:
     parser.add_argument("--mask", action="store_true", help="with an all-true bool mask: both launches")
     parser.add_argument("--query-len", type=int, default=1, help="query tokens per KV head's query heads")
     parser.add_argument("--maxnreg", default="default", help="comma-separated register caps, or 'default'")
+    parser.add_argument("--stages", type=int, default=None, help="pipeline stages of the packed-group launch")
     args = parser.parse_args()
     if args.query_len < 1:
         parser.error("--query-len must be at least 1")
@@ -238,7 +250,7 @@ def main() -> None:
     )
     for name, w, cap in itertools.product(args.configs.split(","), warps, caps):
         kernels = compile_packed_loops(
-            CONFIGS[name], getattr(torch, args.dtype), w, args.mask, args.query_len, cap
+            CONFIGS[name], getattr(torch, args.dtype), w, args.mask, args.query_len, cap, args.stages
         )
         for i, kernel in enumerate(kernels):
             loop = largest_loop(disassemble(kernel))
