@@ -42,19 +42,20 @@ Static SASS of the loop, per group (Triton 3.6, sm_90, 4 query rows): 769 -> 586
 against the one-group, 16-row loop; H200 at 8 x 32k: 0.133 -> 0.097 ms.
 
 Why the value sums are transposed: the tensor-core product is 16 rows by 8 columns, so ``p @ B_f`` with
-4 query rows as its rows computes 16 rows, 12 of them padding, and each thread holds 8 float32 sums
-per field of which 6 are padding; ``B_f^T @ p^T`` has the 16 value channels of a field as rows and the
-query rows as columns (padded to 8): half the products and half the sums, so half the multiply-adds
-that rescale them each step. Taken once per group, before the value scales, the transposition of ``p``
+4 query rows as its rows computes 16 rows, 12 of them padding, and each thread holds 8 float32 sums per
+field of which 6 are padding; ``B_f^T @ p^T`` has the 16 value channels of a field as rows and the query
+rows as columns (padded to 8): half the products and half the sums, so half the multiply-adds that
+rescale them each step. Taken once per group, before the value scales, the transposition of ``p``
 compiles without shared memory (Triton 3.6: no ``STSM`` in the loop; the score product's result layout,
 rows ``t / 4`` and columns ``2 (t % 4)`` of thread ``t``, is its transpose's operand layout); taken
-after each value group's scaling, it went through shared memory (``STSM``, 20 barriers per step). The scores stay untransposed: transposed as well, ``p^T`` comes out of that
-product in a layout that must be shuffled into the operand one (offline, kivi2: 1050 instructions per
-step against 1000). Offline, per step of two groups, against the untransposed sums (Triton 3.6, sm_90,
-bfloat16, the launch that does not read the mask): kivi2 1196 -> 1000 instructions, MixKVQ's default
-tiers 1793 -> 1624 with 49 -> 24 spill loads, 13 / 26 / 89 channels 2089 -> 1916 with 57 -> 27.
-Measured (H100, bfloat16, all-true mask, ``bench/decode_ab.py``, session 19 in
-``docs/performance.md``): kivi2 3-5% faster, MixKVQ's default tiers 16-19%, 13 / 26 / 89 12-14%.
+after each value group's scaling, it went through shared memory (``STSM``, 20 barriers per step). The
+scores stay untransposed: transposed as well, ``p^T`` comes out of that product in a layout that must be
+shuffled into the operand one (offline, kivi2: 1050 instructions per step against 1000). Offline, per
+step of two groups, against the untransposed sums (Triton 3.6, sm_90, bfloat16, the launch that does not
+read the mask): kivi2 1196 -> 1000 instructions, MixKVQ's default tiers 1793 -> 1624 with 49 -> 24 spill
+loads, 13 / 26 / 89 channels 2089 -> 1916 with 57 -> 27. Measured (H100, bfloat16, all-true mask,
+``bench/decode_ab.py``, session 19 in ``docs/performance.md``): kivi2 3-5% faster, MixKVQ's default
+tiers 16-19%, 13 / 26 / 89 12-14%.
 
 For stores of mixed key tiers (``PREFETCH``, ``_runtime.prefetch_steps``), each step of two groups first
 asks the L2 for the next step's bytes (``_prefetch_pair``: one ``prefetch.global.L2`` per 128-byte line,
