@@ -487,14 +487,10 @@ def _prefetch_lines(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
     LP: tl.constexpr = triton.next_power_of_2(SPAN // 128 + 1)
     i = tl.arange(0, LP)
     addr = ptr.to(tl.pointer_type(tl.int8)) + first * NBYTES + tl.minimum(i * 128, SPAN - 1)
-    if L1:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
-        )
-    else:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
-        )
+    ASM: tl.constexpr = (
+        "prefetch.global.L1 [$1]; mov.u32 $0, 0;" if L1 else "prefetch.global.L2 [$1]; mov.u32 $0, 0;"
+    )
+    tl.inline_asm_elementwise(ASM, "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
