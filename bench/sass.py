@@ -20,7 +20,9 @@ listed (``walk 1``: every range, without reading the mask; ``walk 2``: the range
 whole). ``--query-len`` compiles for a query chunk of that many tokens (4 query heads per KV head:
 ``4 * query_len`` rows), ``--maxnreg`` with the planar kernel's registers capped (Triton's ``maxnreg``,
 as ``bench/decode_ab.py --maxnreg`` launches it); the ``regs`` column is each kernel's register count
-(``cuobjdump --dump-resource-usage``); ``--stages`` sets the packed-group launch's pipeline depth, and
+(``cuobjdump --dump-resource-usage``) and ``smem`` its shared memory in bytes (with the registers, what
+limits the programs resident per SM: 228 KB per SM on sm_90); ``--stages`` sets the packed-group
+launch's pipeline depth, and
 ``MIXKVQ_PREFETCH`` is read as by ``decode_attention``. Counts are static, not a timing.
 ``--compile-times`` prints instead how long the kernel takes to compile from an empty Triton cache, per
 compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
@@ -245,7 +247,7 @@ def main() -> None:
         f"SASS instructions per iteration of the packed-group loop; query length {args.query_len}"
     )
     print(
-        f"{'config':>14} {'launch':>7} {'warps':>5} {'maxnreg':>7} {'regs':>4} {'per warp':>8} "
+        f"{'config':>14} {'launch':>7} {'warps':>5} {'maxnreg':>7} {'regs':>4} {'smem':>6} {'per warp':>8} "
         f"{'all warps':>9} {'LDL':>4} {'STL':>4}  top opcodes"
     )
     for name, w, cap in itertools.product(args.configs.split(","), warps, caps):
@@ -258,9 +260,10 @@ def main() -> None:
             top = ", ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
             nw = kernel.metadata.num_warps
             launch = f"walk {i + 1}" if args.mask else "-"
+            smem = kernel.metadata.shared
             print(
-                f"{name:>14} {launch:>7} {nw:>5} {cap or 'default':>7} {registers(kernel):>4} {per_warp:>8} "
-                f"{per_warp * nw:>9} {loop['LDL']:>4} {loop['STL']:>4}  {top}"
+                f"{name:>14} {launch:>7} {nw:>5} {cap or 'default':>7} {registers(kernel):>4} {smem:>6} "
+                f"{per_warp:>8} {per_warp * nw:>9} {loop['LDL']:>4} {loop['STL']:>4}  {top}"
             )
 
 
