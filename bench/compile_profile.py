@@ -2,6 +2,7 @@
 
     python3 bench/compile_profile.py --method kivi2            # one method per process (cold caches)
     for m in strong kivi2 mixkvq; do python3 bench/compile_profile.py --method $m; done
+    python3 bench/compile_profile.py --method inductor --copy-chunks   # Inductor over the same flow
 
 Builds ``bench/e2e.py``'s Llama-3-8B-shaped model and times one first ``generate()`` (chunked prefill
 of ``--context`` tokens in ``--prefill-chunk`` chunks, then ``--new-tokens`` greedy tokens), as the
@@ -100,7 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--method", required=True, help="strong, hf, kivi2, mixkvq (bench/e2e.py's methods)")
+    parser.add_argument(
+        "--method", required=True, help="strong, hf, inductor, kivi2, mixkvq (bench/e2e.py's methods)"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--prefill-chunk", type=int, default=4096)

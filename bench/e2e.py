@@ -11,6 +11,10 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
   SDPA with ``enable_gqa=True`` (no ``repeat_kv`` copies): over the static buffer in a decode step, over
   the keys written so far in a prompt chunk, with the same mask-free attention as mixkvq's (since
   2026-11-27; before, over the static buffer without a mask, because transformers passed none);
+- ``inductor``: the same model as ``hf`` with ``model.forward`` compiled by Inductor
+  (``torch.compile(model.forward, mode="reduce-overhead")``, the issue's anchor), so that the prompt
+  chunks go through compiled graphs as they do with mixkvq: Inductor's compile of the same flow;
+  ``inductor-nograph``: the same in Inductor's default mode (no CUDA graphs);
 - ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset and the backend's defaults (the
   one-token decode graphs compiled by Inductor, in CUDA graphs; prompt graphs as traced since
   2026-11-27, compiled by Inductor before); ``kivi2-launch`` / ``mixkvq-launch``: the same with
@@ -245,7 +249,10 @@ def set_method(model, method: str):
     eager_forward = model.__class__.forward.__get__(model)
     model.forward = eager_forward
     model.config._attn_implementation = "strong_sdpa" if method == "strong" else "sdpa"
-    if method not in ("hf", "strong"):
+    if method in ("inductor", "inductor-nograph"):
+        mode = "reduce-overhead" if method == "inductor" else None
+        model.forward = torch.compile(eager_forward, mode=mode)
+    elif method not in ("hf", "strong"):
         preset, _, variant = method.partition("-")
         options = {"preset": preset}
         if variant == "launch":  # the same kernels launched one by one (no CUDA graph)
