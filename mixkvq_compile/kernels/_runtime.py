@@ -78,7 +78,8 @@ def prefetch_steps(layout) -> int:
     the loop the mask keeps whole spills ten registers with it, Triton 3.6), and 9-10% of the whole
     step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k). With a mask now walked in two
     launches (``decode_attention``) kivi2 was still 2% slower with it (64 x 32k, 0.677 -> 0.692 ms,
-    session 18)."""
+    session 18), and 3-4% on the kernel of session 19 (bfloat16, all-true mask, 8 x 32k 0.0916 ->
+    0.0946 ms, 112 x 32k 1.0679 -> 1.1092, session 20)."""
     flag = os.environ.get("MIXKVQ_PREFETCH", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")

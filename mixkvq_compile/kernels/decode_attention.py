@@ -967,7 +967,8 @@ def decode_attention(
                 MASKED_WALK=masked_walk,
                 num_warps=num_warps or max(1, block_m // 16),
                 # Mixed tiers: two stages (H200, 2026-11-27, 13/26/89 channels: 8 x 32k 0.216 -> 0.199
-                # ms, 1 x 128k 0.125 -> 0.117); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
+                # ms, 1 x 128k 0.125 -> 0.117; session 20, bfloat16 with a mask, three against two:
+                # 0.1905 -> 0.2475 ms); three for one tier (kivi2: 0.101 -> 0.094 ms at 8 x 32k).
                 num_stages=num_stages or (2 if lay.planar_mixed else 3),
                 PDL=overlap,
                 PREFETCH=prefetch,

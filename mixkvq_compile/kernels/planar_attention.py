@@ -40,6 +40,11 @@ reasons "selected" and "wait"), so it is written for few instructions per group:
   rescales the scores, and no causal test over packed tokens for one query (they all precede it).
 Static SASS of the loop, per group (Triton 3.6, sm_90, 4 query rows): 769 -> 586 instructions
 against the one-group, 16-row loop; H200 at 8 x 32k: 0.133 -> 0.097 ms.
+On the kernel with transposed value sums (below), Nsight Compute (H200, kivi2, 8 x 32k) counts 0.55
+instructions issued per cycle and scheduler with two resident one-warp programs each (255 registers),
+stalls mostly "selected" and "wait" (fixed latencies), 3% on global memory. Capping the registers
+for more resident programs (``maxnreg`` 200, 184, 168) made it 1.1-1.5x slower, even at 200 where
+the loop does not spill (``docs/performance.md``, session 20).
 
 Why the value sums are transposed: the tensor-core product is 16 rows by 8 columns, so ``p @ B_f`` with
 4 query rows as its rows computes 16 rows, 12 of them padding, and each thread holds 8 float32 sums per
