@@ -58,8 +58,7 @@ def capture(fn) -> torch.cuda.CUDAGraph:
 
 
 def kernel_records(graph: torch.cuda.CUDAGraph, replays: int) -> list[list[tuple[str, float, float]]]:
-    """Per replay, its kernels as (name, start us, end us), in start order. Replays are synchronized
-    one by one, so each replay's kernels are the next ``len / replays`` records by start time."""
+    """Per replay of ``graph`` under the profiler, its kernels as (name, start us, end us)."""
     from torch.profiler import ProfilerActivity, profile
 
     graph.replay()
@@ -73,12 +72,20 @@ def kernel_records(graph: torch.cuda.CUDAGraph, replays: int) -> list[list[tuple
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     ]
-    kernels.sort(key=lambda k: k[1])
+    return split_replays(kernels, replays)
+
+
+def split_replays(
+    kernels: list[tuple[str, float, float]], replays: int
+) -> list[list[tuple[str, float, float]]]:
+    """``kernels`` (name, start, end) of ``replays`` replays synchronized one after another, as one list
+    per replay: sorted by start, each replay is the next ``len / replays`` records (a replay's kernels
+    may overlap each other, launched as programmatic dependents, but not the next replay's)."""
     if not kernels or len(kernels) % replays:
         raise RuntimeError(f"{len(kernels)} kernel records for {replays} replays (CUPTI unavailable?)")
-    per_step = len(kernels) // replays  # replays run one after another: consecutive runs of records
-    steps = [kernels[i : i + per_step] for i in range(0, len(kernels), per_step)]
-    return steps
+    kernels = sorted(kernels, key=lambda k: k[1])
+    per_step = len(kernels) // replays
+    return [kernels[i : i + per_step] for i in range(0, len(kernels), per_step)]
 
 
 def short(name: str) -> str:
