@@ -33,6 +33,7 @@ split count is the one ``decode_attention`` would pick for that many resident pr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import os
@@ -60,6 +61,23 @@ CONFIGS = {
     "mix-13-26-89": MixKVQConfig(key_tier_fractions=(0.1, 0.2), key_bits=(16, 4, 2), value_bits=2),
     "mixkvq-default": PRESETS["mixkvq"],
 }
+
+
+def decode_inputs(batch: int, ctx: int, dtype: torch.dtype, with_mask: bool):
+    """A one-token step's query ``[batch, 32, 1, 128]``, 16-bit keys and values ``[batch, 8, ctx, 128]``
+    for the cuDNN baseline, and (``with_mask``) an all-true bool mask ``[batch, 1, 1, ctx]``, as a
+    model's decode step passes (None without)."""
+    q = torch.randn(batch, HQ, 1, D, dtype=dtype, device="cuda")
+    k = torch.randn(batch, HKV, ctx, D, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    mask = torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if with_mask else None
+    return q, k, v, mask
+
+
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The baseline: cuDNN SDPA with grouped-query attention over 16-bit keys and values, no mask."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def relative_error(out: torch.Tensor, q: torch.Tensor, store, ctx: int, rows: int = 8) -> float:
@@ -161,17 +179,10 @@ def main() -> None:
     print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'rel err':>8}")
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))
-        q = torch.randn(batch, HQ, 1, D, dtype=dtype, device="cuda")
-        k = torch.randn(batch, HKV, ctx, D, dtype=dtype, device="cuda")
-        v = torch.randn_like(k)
-        mask = torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if args.mask == "bool" else None
-
-        def cudnn(k=k, v=v, q=q):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
+        q, k, v, mask = decode_inputs(batch, ctx, dtype, args.mask == "bool")
+        cudnn = functools.partial(cudnn_attention, q, k, v)
         base = bench_graph(cudnn)
-        del k, v
+        del k, v, cudnn  # (the baseline holds them)
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx, dtype)
             packed = store.layout.flushed_groups(ctx)

@@ -53,18 +53,23 @@ def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` run once on a side stream (compiles and warms up), then captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def bench_graph(fn, rep=200):
     """Median ms of ``fn`` replayed from a CUDA graph (no Python launch overhead); eager if capture fails."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return bench(graph.replay, rep)
+        return bench(capture_graph(fn).replay, rep)
     except Exception as error:  # noqa: BLE001
         print(f"graph capture failed ({type(error).__name__}: {str(error).splitlines()[0][:80]}); eager")
         return bench(fn, rep)

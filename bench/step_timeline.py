@@ -22,39 +22,24 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from decode_ab import CONFIGS  # noqa: E402
+from decode_ab import CONFIGS, cudnn_attention, decode_inputs  # noqa: E402
 from gpu_state import describe, gpu_state  # noqa: E402
-from kernels import HKV, HQ, D, bench_graph, random_store  # noqa: E402
+from kernels import bench_graph, capture_graph, random_store  # noqa: E402
 
 from mixkvq_compile.kernels.decode_attention import decode_attention  # noqa: E402
 
 MAIN_KERNELS = ("planar_split_kernel", "_attn_split_kernel")
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` run once on a side stream (compiles and warms up), then captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
 
 
 def kernel_records(graph: torch.cuda.CUDAGraph, replays: int) -> list[list[tuple[str, float, float]]]:
@@ -130,19 +115,12 @@ def main() -> None:
     )
     for shape in args.shapes.split(","):
         batch, ctx = (int(n) for n in shape.split("x"))
-        q = torch.randn(batch, HQ, 1, D, dtype=dtype, device="cuda")
-        k = torch.randn(batch, HKV, ctx, D, dtype=dtype, device="cuda")
-        v = torch.randn_like(k)
-        mask = torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device="cuda") if args.mask == "bool" else None
-
-        def cudnn(k=k, v=v, q=q):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
+        q, k, v, mask = decode_inputs(batch, ctx, dtype, args.mask == "bool")
+        cudnn = functools.partial(cudnn_attention, q, k, v)
         base = bench_graph(cudnn)
-        _, base_span, _ = summarize(kernel_records(capture(cudnn), args.replays))
+        _, base_span, _ = summarize(kernel_records(capture_graph(cudnn), args.replays))
         print(f"\n{shape}: cuDNN step {base * 1e3:.1f} us timed, span {base_span:.1f} us")
-        del k, v
+        del k, v, cudnn  # (the baseline holds them)
         for name in args.configs.split(","):
             store = random_store(CONFIGS[name], batch, ctx, dtype)
             packed = store.layout.flushed_groups(ctx)
@@ -151,7 +129,7 @@ def main() -> None:
                 return decode_attention(q, s, n, m, packed=p)
 
             timed = bench_graph(ours)
-            per_kernel, span, main_us = summarize(kernel_records(capture(ours), args.replays))
+            per_kernel, span, main_us = summarize(kernel_records(capture_graph(ours), args.replays))
             print(
                 f"  {name}: step {timed * 1e3:.1f} us timed ({base / timed:.2f}x cuDNN), span {span:.1f} us, "
                 f"main kernel {main_us:.1f} us = {main_us / span:.0%} of the span; "
