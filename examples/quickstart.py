@@ -74,7 +74,25 @@ def main() -> None:
         f"(skipped {counters['attention_skipped']})"
     )
     cache = getattr(quantized, "past_key_values", None) or getattr(quantized, "cache", None)
-    print("\n" + str(mixkvq_compile.memory_report(cache)))
+    report = mixkvq_compile.memory_report(cache)
+    print("\n" + str(report))
+
+    # The same store planned at a long context: at a few hundred tokens the full-precision window of
+    # the most recent tokens is most of it; at 32k tokens the packed 2-bit groups are.
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    preset = mixkvq_compile.PRESETS[args.preset]
+    window = preset.residual_length + preset.group_size
+    print(
+        f"\nthe same store planned by mixkvq_compile.store_bytes (its full-precision window: the {window} "
+        f"most recent tokens, in {model.dtype}):"
+    )
+    for tokens in (report.layers[0].capacity, 32768):
+        held = config.num_hidden_layers * mixkvq_compile.store_bytes(
+            preset, 1, config.num_key_value_heads, tokens, head_dim, dtype=model.dtype
+        )
+        fp16 = config.num_hidden_layers * config.num_key_value_heads * tokens * 2 * head_dim * 2
+        print(f"  {tokens:>6} tokens: {held / 2**20:8.3f} MiB, {held / fp16:.3f}x a 16-bit cache")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ registers it, for source checkouts where the entry point is not installed.
 from .backend import backend, mixkvq_backend
 from .config import PRESETS, KeyTiering, MixKVQConfig
 from .diagnostics import explain
-from .memory import memory_report
+from .memory import memory_report, store_bytes
 from .passes import counters, reset_counters
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "memory_report",
     "mixkvq_backend",
     "reset_counters",
+    "store_bytes",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``memory_report``: bytes really held by a KV cache vs. the 16-bit bytes of the same tokens."""
+"""``memory_report``: bytes really held by a KV cache vs. the 16-bit bytes of the same tokens;
+``store_bytes``: what a layer's store would allocate, for planning (how many tokens fit)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import dataclasses
 
 import torch
 
-from .store import HEADER_FIELDS, blob_of, is_handle
+from .config import MixKVQConfig, preset_config
+from .store import HEADER_FIELDS, StoreLayout, blob_of, is_handle
 
 FP16_BYTES = 2
 
@@ -138,3 +140,52 @@ def _layer_memory(index: int, keys: torch.Tensor, values: torch.Tensor, tokens: 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
+
+
+def store_bytes(
+    config: MixKVQConfig | str,
+    batch: int,
+    heads: int,
+    capacity: int,
+    head_dim: int,
+    value_dim: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    layer: int = 0,
+    sliding: bool = False,
+) -> int:
+    """Bytes the quantized store of one attention layer allocates (keys and values, every region), as
+    ``memory_report`` would count them once the cache exists: plan a batch or a context length before
+    allocating anything.
+
+    Args:
+        config: a ``MixKVQConfig`` or a preset name (``PRESETS``); per-layer overrides (a KVmix layer
+            plan) apply to layer ``layer``.
+        batch, heads, capacity, head_dim: the cache's ``[batch, KV heads, max_cache_len, head_dim]``.
+        value_dim: the values' head_dim (default ``head_dim``).
+        dtype: the model's dtype (the full-precision window and the 16-bit key tier are kept in it).
+        sliding: a sliding-window layer of ``capacity`` tokens.
+
+    The 16-bit cache of the same capacity takes ``batch * heads * capacity * (head_dim + value_dim) * 2``
+    bytes. At short capacities the full-precision window of the most recent tokens (``residual_length``
+    plus one group) is most of the store.
+
+    Raises:
+        ValueError: a size that is not a positive integer, or a config the cache shape does not fit.
+    """
+    value_dim = head_dim if value_dim is None else value_dim
+    for name, value in (
+        ("batch", batch),
+        ("heads", heads),
+        ("capacity", capacity),
+        ("head_dim", head_dim),
+        ("value_dim", value_dim),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"store_bytes: {name} must be a positive integer, got {value!r}")
+    if isinstance(config, str):
+        config = preset_config(config)
+    layout = StoreLayout.create(
+        config.for_layer(layer), batch, heads, capacity, head_dim, value_dim, dtype, sliding=sliding
+    )
+    return layout.blob_bytes(layout.key_regions()) + layout.blob_bytes(layout.value_regions())
