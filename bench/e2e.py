@@ -14,7 +14,10 @@ Methods, each measured through a real ``generate()`` (prefill of ``context`` ran
 - ``inductor``: the same model as ``hf`` with ``model.forward`` compiled by Inductor
   (``torch.compile(model.forward, mode="reduce-overhead")``, the issue's anchor), so that the prompt
   chunks go through compiled graphs as they do with mixkvq: Inductor's compile of the same flow;
-  ``inductor-nograph``: the same in Inductor's default mode (no CUDA graphs);
+  ``inductor-nograph``: the same in Inductor's default mode (no CUDA graphs). With torch 2.11 on an
+  H200, ``inductor`` died twice in this flow (a segmentation fault in ``libtorch_python.so`` after
+  Inductor skipped CUDA graphs for the prompt graphs, ``docs/performance.md`` session 20);
+  ``inductor-nograph`` ran;
 - ``kivi2`` / ``mixkvq``: ``backend="mixkvq"`` with that preset and the backend's defaults (the
   one-token decode graphs compiled by Inductor, in CUDA graphs; prompt graphs as traced since
   2026-11-27, compiled by Inductor before); ``kivi2-launch`` / ``mixkvq-launch``: the same with
