@@ -533,9 +533,11 @@ def test_long_chunk_after_prefix_matches_reference(masked, rows_per_read, fused,
 PLANAR = dataclasses.replace(PRESETS["kivi2"], residual_length=32, group_size=32, sink_tokens=2)
 
 
-def _planar_store(head_dim, dtype, batch=2, heads=2, tokens=170, k_scale=2.0, v_scale=1.0, seed=8):
+def _planar_store(
+    head_dim, dtype, batch=2, heads=2, tokens=170, k_scale=2.0, v_scale=1.0, seed=8, config=PLANAR
+):
     """A planar store (uniform 2-bit keys and values) written by the kernels, with the tokens written."""
-    lay = StoreLayout.create(PLANAR, batch, heads, 200, head_dim, head_dim, dtype)
+    lay = StoreLayout.create(config, batch, heads, 200, head_dim, head_dim, dtype)
     assert lay.planar
     store = KVStore.open(lay, *allocate(lay, DEVICE))
     gen = torch.Generator().manual_seed(seed)
@@ -624,6 +626,20 @@ def test_planar_decode_tensor_length_and_masked_groups(head_dim, dtype, query_dt
     out, ref = _run(query, store, torch.tensor([170], device=DEVICE), mask=mask, num_splits=3)
     tol = TOL[torch.float16] if query_dtype == torch.float32 else TOL[query_dtype]  # float16 operands
     assert _rel(out, ref) < tol
+
+
+@pytest.mark.parametrize("head_dim,value_group_size", [(128, 16), (128, 64), (128, 128), (256, 64)])
+def test_planar_decode_value_group_sizes(head_dim, value_group_size):
+    """Value groups of 1, 4 and 8 fields (the planar kernel picks each field's value scale from its
+    group): against the float32 reference, with a left-padding mask."""
+    config = dataclasses.replace(PLANAR, value_group_size=value_group_size)
+    store, _, _ = _planar_store(head_dim, torch.float16, config=config, seed=31)
+    assert store.layout.planar and store.layout.value_group_size == value_group_size
+    query = torch.randn(2, 4, 1, head_dim, dtype=torch.float16, device=DEVICE)
+    mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :37] = False
+    out, ref = _run(query, store, torch.tensor([170], device=DEVICE), mask=mask, num_splits=2)
+    assert _rel(out, ref) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
