@@ -22,10 +22,9 @@ whole). ``--query-len`` compiles for a query chunk of that many tokens (4 query 
 as ``bench/decode_ab.py --maxnreg`` launches it); the ``regs`` column is each kernel's register count
 (``cuobjdump --dump-resource-usage``) and ``smem`` its shared memory in bytes (with the registers, what
 limits the programs resident per SM: 228 KB per SM on sm_90); ``--stages`` sets the packed-group
-launch's pipeline depth, and
-``MIXKVQ_PREFETCH`` is read as by ``decode_attention``. Counts are static, not a timing.
-``--compile-times`` prints instead how long the kernel takes to compile from an empty Triton cache, per
-compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
+launch's pipeline depth, and ``MIXKVQ_PREFETCH`` is read as by ``decode_attention``. Counts are static,
+not a timing. ``--compile-times`` prints instead how long the kernel takes to compile from an empty
+Triton cache, per compile stage (``make_cubin`` runs ptxas): the JIT cost of a first call on this CPU.
 """
 
 from __future__ import annotations
