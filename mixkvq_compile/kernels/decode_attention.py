@@ -940,11 +940,12 @@ def decode_attention(
     if num_splits and lay.planar_words:
         codes, qparams = tiers[lay.planar_key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
-        # With a mask, two launches: the ranges the mask keeps whole (a decode step's mask over a static
-        # cache keeps them all), walked without reading it, then the others. One kernel with both loops
-        # spilled more in the first (MixKVQ's default tiers, Triton 3.6: 58 LDL per step against 34).
-        # H200, bfloat16, 64 x 32k, all-true mask: MixKVQ default 1.305 -> 1.213 ms, kivi2 0.707 ->
-        # 0.677 (0.676 without a mask); e2e step at 64 rows 51.95 -> 47.74 ms (session 18).
+        # With a mask, two launches: every range walked without reading the mask, then the ranges the
+        # mask does not keep whole (none in a decode step over a static cache) walked with it, their
+        # partials written over the first launch's. One kernel with both loops spilled more in the first
+        # (MixKVQ's default tiers, Triton 3.6: 58 LDL per step against 34). H200, bfloat16, 64 x 32k,
+        # all-true mask: MixKVQ default 1.305 -> 1.213 ms, kivi2 0.707 -> 0.677 (0.676 without a mask);
+        # e2e step at 64 rows 51.95 -> 47.74 ms (session 18).
         prefetch = prefetch_steps(lay)  # each step asks the L2 for the next step's groups
         for masked_walk in (False, True) if mask_kind else (False,):
             planar_split_kernel[(bh, num_splits, q_blocks)](

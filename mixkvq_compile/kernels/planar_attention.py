@@ -75,10 +75,12 @@ then spilled and was 15% slower (session 17). The next step's channel order and 
 the L1 (``prefetch.global.L1``): 13 / 26 / 89 channels 1-1.5% faster, the default tiers unchanged
 (bfloat16, with a mask, 8 and 64 x 32k, session 18).
 
-Operands are float16 whatever the query dtype; the query is scaled by ``QSCALE = 1/16`` first so
-that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs from dequantize-then-attend by
-float16 rounding of ``q * s``, ``p`` and ``p * vs`` (relative error about 1e-3, checked against a
-float32 reference in the tests).
+Operands are float16 whatever the query dtype (except the 16-bit key tier's product over a bfloat16
+store, whose channels and gathered query enter as bfloat16, as stored: converting them cost MixKVQ's
+default tiers 83 of 1589 instructions per step, Triton 3.6, sm_90); the query is scaled by
+``QSCALE = 1/16`` first so that ``|q * s|`` up to ``16 * 65504`` stays finite. The result differs
+from dequantize-then-attend by float16 rounding of ``q * s``, ``p`` and ``p * vs`` (relative error
+about 1e-3, checked against a float32 reference in the tests).
 
 Each step's value products are summed from zero on the tensor cores and added to the running sums in
 float32 multiply-adds (``_rescale_add``). With the running sums as the products' accumulator, as
@@ -181,6 +183,26 @@ def _split8(x):
 
 
 @triton.jit
+def _split_groups(x, FPG: tl.constexpr):
+    """The value scales of the 8 fields from ``x [N, 8 / FPG]`` (column g: value group g, ``FPG``
+    fields per group): field f's column is f // FPG."""
+    if FPG == 1:
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(x)
+    elif FPG == 2:
+        a, b = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # 0, 2 and 1, 3
+        g0, g2 = tl.split(a)
+        g1, g3 = tl.split(b)
+        r0, r1, r2, r3, r4, r5, r6, r7 = g0, g0, g1, g1, g2, g2, g3, g3
+    elif FPG == 4:
+        g0, g1 = tl.split(x)
+        r0, r1, r2, r3, r4, r5, r6, r7 = g0, g0, g0, g0, g1, g1, g1, g1
+    else:
+        g0 = tl.reshape(x, [x.shape[0]])
+        r0, r1, r2, r3, r4, r5, r6, r7 = g0, g0, g0, g0, g0, g0, g0, g0
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
 def _load_query_field(q_ptr, q_off, row_ok, sqd, F_: tl.constexpr, FW: tl.constexpr):
     """Channels ``F_ * FW ..`` of the query rows, ``[BLOCK_M, FW]`` float16, times QSCALE."""
     j = tl.arange(0, FW)
@@ -237,7 +259,7 @@ def _group_scores(
     s = s * (16777216.0 * score_scale) + (tl.max(sz, 1) * score_scale)[:, None]  # one FFMA each
     if HIGH > 0:
         s += score_scale * _high_tier_scores(
-            q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, gi, BLOCK_M, G, HIGH, MID
+            q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, gi, BLOCK_M, G, HIGH, MID, INTERP
         )
     return s
 
@@ -264,15 +286,15 @@ def _group_values(
     INTERP: tl.constexpr,
 ):
     """``acc_f += B_f^T @ (p * vs)^T`` for the 8 value fields of group ``gi`` and ``za += VZ @ p^T``:
-    the sums transposed, ``[DV / 8, BLOCK_M]`` and ``[16, BLOCK_M]``. ``vscale [G, 8]``: column f the
-    value scales of field f's value group; ``vz [16, G]``: the value zero points of the group's value
+    the sums transposed, ``[DV / 8, BLOCK_M]`` and ``[16, BLOCK_M]``. ``vscale [G, min(NVG, 8)]``:
+    column g the value scales of value group g; ``vz [16, G]``: the value zero points of the group's value
     groups (rows past them 0); both loaded by the caller."""
     FW: tl.constexpr = DV // 8
     FPG: tl.constexpr = VGS // FW  # fields per value group
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
     words = tl.load(vc_ptr + (gi * FW + j[:, None]) * G + t[None, :])  # [FW, G] int16
-    vs0, vs1, vs2, vs3, vs4, vs5, vs6, vs7 = _split8(vscale)
+    vs0, vs1, vs2, vs3, vs4, vs5, vs6, vs7 = _split_groups(vscale, FPG)
     pt = tl.trans(p.to(tl.float16))  # [G, BLOCK_M]
     za = tl.dot(vz, pt, za)
     pf = pt
@@ -327,11 +349,16 @@ def _group_qparams(
     kqp_ptr, vqp_ptr, gi, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, VGS: tl.constexpr
 ):
     """The scales and zero points of packed group ``gi`` as tiles (see the module docstring): key scales
-    and zeros ``[D / 8, 8]`` (column f: the channels of field f), value scales ``[G, 8]`` (column f: the
-    scale of field f's value group, per token) and value zeros ``[16, G]`` (row g: value group g;
-    rows past the groups 0)."""
+    and zeros ``[D / 8, 8]`` (column f: the channels of field f), value scales ``[G, min(NVG, 8)]``
+    (column g: value group g's scale per token, ``NVG = DV / VGS``; ``_split_groups`` gives each field
+    its group's) and value zeros ``[16, G]`` (row g: value group g; rows past the groups 0).
+
+    One column per value group, not per field: with a column per field (two fields per group at
+    ``DV`` 128 and groups of 32) the tile copied each scale twice through the pipeline's shared memory,
+    and MixKVQ's default tiers spilled 24 registers per step against 5 (Triton 3.6, sm_90, bfloat16,
+    the first masked launch: 1624 -> 1590 instructions; kivi2 1000 -> 991; 13 / 26 / 89 channels 1916
+    / 27 -> 1889 / 18)."""
     FW: tl.constexpr = D // 8
-    FWV: tl.constexpr = DV // 8
     NVG: tl.constexpr = DV // VGS
     fi = tl.arange(0, 8)
     jk = tl.arange(0, FW)
@@ -341,7 +368,9 @@ def _group_qparams(
     kscale = tl.load(kq + fi[None, :] * FW + jk[:, None])
     kzero = tl.load(kq + D + fi[None, :] * FW + jk[:, None])
     vq = vqp_ptr + gi * (2 * NVG * G)
-    vscale = tl.load(vq + ((fi * FWV) // VGS)[None, :] * G + tok[:, None])
+    NVGP: tl.constexpr = NVG if NVG < 8 else 8
+    gcol = tl.arange(0, NVGP)
+    vscale = tl.load(vq + gcol[None, :] * G + tok[:, None])
     vz = tl.load(vq + NVG * G + vcol[:, None] * G + tok[None, :], mask=(vcol < NVG)[:, None], other=0.0)
     return kscale, kzero, vscale, vz
 
@@ -401,6 +430,7 @@ def _high_tier_scores(
     G: tl.constexpr,
     HIGH: tl.constexpr,
     MID: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """Mixed-tier stores (``StoreLayout.planar_mixed``): the scores of group ``gi`` over its 16-bit
     channels (the planar words hold 0 there), ``[BLOCK_M, G]`` float32 times QSCALE: one tensor-core
@@ -413,9 +443,12 @@ def _high_tier_scores(
     q = tl.load(
         q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
     )
-    q = (q.to(tl.float32) * 0.0625).to(tl.float16)  # QSCALE
     k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
-    return tl.dot(q, k.to(tl.float16))
+    if INTERP:  # (the interpreter does no bfloat16 arithmetic)
+        return tl.dot(q.to(tl.float32) * 0.0625, k.to(tl.float32))  # QSCALE
+    if hi_ptr.dtype.element_ty == tl.bfloat16:  # the stored channels as they are: no conversion
+        return tl.dot((q.to(tl.float32) * 0.0625).to(tl.bfloat16), k)  # QSCALE
+    return tl.dot((q.to(tl.float32) * 0.0625).to(tl.float16), k.to(tl.float16))
 
 
 @triton.jit
@@ -783,26 +816,23 @@ def planar_split_kernel(
     # sees them all: only a query chunk needs the causal rule here.
     CAUSAL_PACKED: tl.constexpr = IS_CAUSAL and LQ > 1
     # With a mask, ``decode_attention`` launches this kernel twice over the same programs: first
-    # (``MASKED_WALK`` false) for the programs whose range the mask keeps whole (a decode step's mask
-    # over a static cache keeps every packed token), walked without reading it: 595 instead of 699
-    # instructions per group (Triton 3.6, sm_90); then for the others, walked with the mask. Each
-    # program's partials are written by one of the two. One launch with both loops spilled more in the
-    # first (MixKVQ's default tiers: 58 LDL per step against 34). Without a mask the test is constant.
+    # (``MASKED_WALK`` false) every program walks its range without reading the mask (595 instead of
+    # 699 instructions per group, Triton 3.6, sm_90) and writes its partials; then (``MASKED_WALK``)
+    # the programs whose range the mask does not keep whole (none in a decode step over a static cache)
+    # walk it with the mask and write theirs over the first launch's. Only the second launch reads the
+    # mask: the first one's scan cost 4.2 us of a 76.7 us launch (kivi2, 8 x 32k, session 20). One launch
+    # with both loops spilled more in the first (MixKVQ's default tiers: 58 LDL per step against 34; in
+    # session 20, kivi2's first loop took 1107 instructions per step against 1000). Without a mask the
+    # first launch is the only one.
     WALK_MASK: tl.constexpr = MASK_KIND if MASKED_WALK else 0
     g1_walk = g1
     walked = row_ok  # the rows whose partials this launch writes
-    if MASK_KIND > 0:
+    if MASK_KIND > 0 and MASKED_WALK:
         keeps = _mask_keeps_all(
             mask_ptr, mask_row, smh, sml, smk, row_ok, S + g0 * G, S + g1 * G, BLOCK_M, LQ, MASK_KIND
         )
-        mine = (keeps == 0) if MASKED_WALK else keeps
-        # The second launch's programs that are not its own walk nothing; the first launch's walk their
-        # range in any case (its loop spilled more with a bound that depends on the mask: MixKVQ's
-        # default tiers 1807 instructions and 55 LDL per step, against 1800 and 39) and write only
-        # their own partials: a range the mask does not keep whole is walked twice.
-        if MASKED_WALK:
-            g1_walk = tl.where(mine, g1, g0)
-        walked = tl.where(mine, row_ok, False)  # (row_ok & mine fails in the interpreter, Triton 3.9)
+        g1_walk = tl.where(keeps, g0, g1)
+        walked = tl.where(keeps, False, row_ok)  # (row_ok & ~keeps fails in the interpreter, Triton 3.9)
     m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
         qs,
         kc_ptr,
@@ -834,6 +864,8 @@ def planar_split_kernel(
     )
     if PDL:  # the walk is over: the combine may launch (it waits for this launch to end)
         gdc_launch_dependents()
+        if MASKED_WALK:  # overlapped with the first launch: write after all of its partials
+            gdc_wait()
     part = (bh.to(tl.int64) * (num_splits + 1) + sp) * M + rows
     _store_field(part_acc_ptr, part, walked, a0, za, 0, FWV, DV, VGS)
     _store_field(part_acc_ptr, part, walked, a1, za, 1, FWV, DV, VGS)
@@ -845,5 +877,5 @@ def planar_split_kernel(
     _store_field(part_acc_ptr, part, walked, a7, za, 7, FWV, DV, VGS)
     tl.store(part_ml_ptr + part * 2, m_i, mask=walked)
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=walked)
-    if PDL:  # launched while the full-precision launch may still run: end after it, so that the
-        gdc_wait()  # combine, which waits for this launch only, reads both launches' partials
+    if PDL and not MASKED_WALK:  # launched while the full-precision launch may still run: end after
+        gdc_wait()  # it, so that the combine, which waits for this launch only, reads both launches' partials
