@@ -1,0 +1,211 @@
+"""Where an end-to-end decode step's time goes, by kind of kernel (GPU).
+
+    python3 bench/e2e_profile.py --methods strong,kivi2,mixkvq --batch 8 --context 32768 --layers 8
+
+For each method of ``bench/e2e.py`` (same model, same chunked prefill, same generate()), after two
+warm-up calls that compile and capture the graphs: one unprofiled generate() gives the decode step's
+time (median interval between tokens, as in ``e2e.py``); then the prompt is written to the cache again
+and a generate() of ``--new-tokens`` tokens runs under ``torch.profiler``. All of its forwards are
+one-token decode steps over the filled cache (generate() feeds the prompt's last token first), so each
+kernel's device time divided by ``--new-tokens`` is its time per step. Printed per method:
+- device microseconds per step by kind of kernel (``category``): the weight products (cuBLAS, CUTLASS
+  or Inductor's matmul templates), attention (mixkvq's or SDPA's), mixkvq's KV writes, Inductor's
+  other fused kernels, and the rest;
+- ``busy``: the union of the kernels' intervals per step (overlapping kernels counted once) against
+  the step's wall time: the difference is time the GPU waits (launches, synchronization);
+- the kernels with the most time per step;
+- with ``--host N``, the host is profiled too and its N events with the most inclusive time per step
+  are listed (calls, self and inclusive microseconds per step): what the host does while the GPU waits.
+``--layers`` below 32 shortens compile and prefill; the per-layer kinds scale with it, the LM head
+and embedding do not. Results go to stdout and, when ``$OUT`` is set, to ``$OUT/e2e_profile.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from e2e import llama3_8b, prefill_in_chunks, register_baselines, set_method, single_call, timed_generate  # noqa: E402
+from gpu_state import describe  # noqa: E402
+
+#: (category, substrings of a kernel's name), tried in this order; the first match wins.
+CATEGORIES = (
+    ("attention (mixkvq)", ("planar_split_kernel", "_attn_split_kernel", "_combine_kernel")),
+    ("kv write (mixkvq)", ("_write_tokens_kernel", "_store_groups_kernel")),
+    ("attention (sdpa)", ("sdpa", "flash", "fmha", "attention")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "triton_tem_", "splitkreduce")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def category(name: str) -> str:
+    """The kind of a kernel from its name (``CATEGORIES``; ``other`` when none matches)."""
+    lowered = name.lower()
+    for label, keys in CATEGORIES:
+        if any(key.lower() in lowered for key in keys):
+            return label
+    return "other"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The total length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def per_step(kernels: list[tuple[str, float, float]], steps: int) -> dict:
+    """Per step of ``steps``, from the profiled ``kernels`` (name, start us, end us): microseconds by
+    category, the union of the kernels' intervals (``busy_us``), and per kernel name (its first 60
+    characters) its launches, microseconds and category (of the full name)."""
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    by_category: dict[str, float] = collections.defaultdict(float)
+    by_kernel: dict[str, list] = {}
+    for name, start, end in kernels:
+        kind = category(name)
+        by_category[kind] += (end - start) / steps
+        entry = by_kernel.setdefault(name.split("(")[0][:60], [0.0, 0.0, kind])
+        entry[0] += 1 / steps
+        entry[1] += (end - start) / steps
+    return {
+        "category_us": dict(by_category),
+        "busy_us": union_length([(s, e) for _, s, e in kernels]) / steps,
+        "kernels": {n: tuple(v) for n, v in by_kernel.items()},
+    }
+
+
+def profiled_generate(model, ids, cache, chunk: int, new_tokens: int, host: bool = False):
+    """The kernels (name, start us, end us) of one generate() of ``new_tokens`` tokens after the prompt
+    (all but its last token) was written to ``cache`` in ``chunk``-token forwards, unprofiled; and with
+    ``host``, its host events as (name, calls, self us, total us), else an empty list."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefill_in_chunks(model, ids, cache, chunk)
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+        torch.cuda.synchronize()
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    if not kernels:
+        raise RuntimeError("the profiler recorded no kernels (CUPTI unavailable?)")
+    cpu = torch.autograd.DeviceType.CPU
+    events = [
+        (a.key, a.count, a.self_cpu_time_total, a.cpu_time_total)
+        for a in (prof.key_averages() if host else [])
+        if a.device_type == cpu
+    ]
+    return kernels, events
+
+
+def host_per_step(events: list[tuple[str, int, float, float]], steps: int, top: int) -> list[tuple]:
+    """The ``top`` host events by inclusive time, per step: (name, calls, self us, total us)."""
+    ranked = sorted(events, key=lambda e: -e[3])[:top]
+    return [
+        (name, calls / steps, self_us / steps, total_us / steps) for name, calls, self_us, total_us in ranked
+    ]
+
+
+def profile_method(
+    model, method: str, batch: int, context: int, new_tokens: int, chunk: int, host: int = 0
+) -> dict:
+    """Warm up ``method`` (two generate() calls), time its step unprofiled, then profile one generate()."""
+    from transformers import StaticCache
+
+    eager_forward = set_method(model, method)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
+    for _ in range(2):
+        timed_generate(model, ids, new_tokens, cache, chunk)
+    _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
+    del out
+    kernels, events = profiled_generate(model, ids, cache, chunk, new_tokens, host > 0)
+    model.forward = eager_forward
+    del cache
+    torch.cuda.empty_cache()
+    result = {"method": method, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
+    result |= {"step_us": step * 1e6, "gpu_last": run_info["gpu_last"]}
+    result["host"] = host_per_step(events, new_tokens, host)
+    return result | per_step(kernels, new_tokens)
+
+
+def print_profile(result: dict, top: int) -> None:
+    """A method's table: microseconds per step by category, busy against the step, the top kernels."""
+    step = result["step_us"]
+    print(
+        f"\n{result['method']}: B {result['batch']}, context {result['context']}, {result['layers']} layers; "
+        f"step {step:.0f} us, GPU busy {result['busy_us']:.0f} us ({result['busy_us'] / step:.0%}); "
+        f"GPU at the end {describe(result['gpu_last'])}"
+    )
+    for label, us in sorted(result["category_us"].items(), key=lambda kv: -kv[1]):
+        print(f"  {label:>20} {us:9.1f} us  {us / step:6.1%} of the step")
+    print(f"  {'top kernels':>20} {'launches':>9} {'us':>9}")
+    ranked = sorted(result["kernels"].items(), key=lambda kv: -kv[1][1])[:top]
+    for name, (launches, us, kind) in ranked:
+        print(f"  {name:<60} {launches:7.1f} {us:9.1f}  {kind}")
+    if result["host"]:
+        print(f"  {'host events (per step)':<60} {'calls':>7} {'self us':>9} {'total us':>9}")
+        for name, calls, self_us, total_us in result["host"]:
+            print(f"  {name[:60]:<60} {calls:7.1f} {self_us:9.1f} {total_us:9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--methods", default="strong,kivi2,mixkvq")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per method")
+    parser.add_argument(
+        "--host", type=int, default=0, help="> 0: also profile the host and list this many of its events"
+    )
+    args = parser.parse_args()
+    if args.new_tokens < 4 or args.prefill_chunk < 1:
+        parser.error("--new-tokens must be at least 4 and --prefill-chunk positive")
+    if not torch.cuda.is_available():
+        sys.exit("bench/e2e_profile.py needs a CUDA GPU")
+
+    register_baselines()
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    model = llama3_8b(args.layers)
+    out_path = os.path.join(os.environ["OUT"], "e2e_profile.jsonl") if os.environ.get("OUT") else None
+    for method in args.methods.split(","):
+        print(f"{method}: warming up and profiling ...", flush=True)
+        result = profile_method(
+            model, method, args.batch, args.context, args.new_tokens, args.prefill_chunk, args.host
+        )
+        print_profile(result, args.top)
+        if out_path:
+            with open(out_path, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
