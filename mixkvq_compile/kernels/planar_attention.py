@@ -24,8 +24,9 @@ channel are folded into the other operand and the zero points are small matrix p
   the field's value group; ``acc_f [DV / 8, rows]``) and ``acc_f * 4**e_f * 2**24 + VZ @ p^T`` at the
   end, ``VZ [NVG, G]`` the value zeros.
 
-Each group's scales and zero points are loaded at the top of its iteration as ``[D / 8, 8]`` and
-``[G, 8]`` tiles (column f for field f, split in registers). Loaded inside the field loop they were
+Each group's scales and zero points are loaded at the top of its iteration as ``[D / 8, 8]`` tiles
+(column f for field f, split in registers) and a ``[G, min(NVG, 8)]`` value-scale tile (column g for
+value group g; ``_group_qparams``). Loaded inside the field loop they were
 one 2-byte load per thread each, whose layout conversion waited a full memory round trip (Nsight
 Compute: 31% of the stall samples on four such stores to shared memory); as tiles they go through the
 pipelined asynchronous copy with the codes (1.39x faster at 8 x 32k, H100).
@@ -357,7 +358,10 @@ def _group_qparams(
     ``DV`` 128 and groups of 32) the tile copied each scale twice through the pipeline's shared memory,
     and MixKVQ's default tiers spilled 24 registers per step against 5 (Triton 3.6, sm_90, bfloat16,
     the first masked launch: 1624 -> 1590 instructions; kivi2 1000 -> 991; 13 / 26 / 89 channels 1916
-    / 27 -> 1889 / 18)."""
+    / 27 -> 1889 / 18). H200, bfloat16, all-true mask, 8 x 32k: MixKVQ default 0.1491 -> 0.1439 ms,
+    13 / 26 / 89 0.1921 -> 0.1895, kivi2 0.0920 -> 0.0912; with the mask scanned only by the second
+    launch and the 16-bit tier in bfloat16 as well, 0.1423, 0.1859 and 0.0863 (session 21 in
+    ``docs/performance.md``)."""
     FW: tl.constexpr = D // 8
     NVG: tl.constexpr = DV // VGS
     fi = tl.arange(0, 8)
