@@ -88,6 +88,23 @@ def prefetch_steps(layout) -> int:
     return 1 if layout.planar_mixed else 0
 
 
+def step_groups(prefetch: int) -> int:
+    """Packed groups per step of the planar decode kernel's walk (``planar_attention._walk_step``): 2, or
+    3 with ``MIXKVQ_STEP_GROUPS=3`` (an A/B switch, not yet measured on a GPU: three independent
+    product chains per warp for a loop that waits on fixed latencies, one online-softmax rescale per 96
+    tokens). Offline (Triton 3.6, sm_90, kivi2, ``bench/sass.py``), instructions per step and group:
+    bfloat16, the first masked launch, 1500 per three groups (500 per group) against 982 per two (491),
+    1513 at three stages, no spills; float16 without a mask 1499 against 988. Three need the L2
+    prefetch off (``prefetch`` 0, see ``prefetch_steps``)."""
+    flag = os.environ.get("MIXKVQ_STEP_GROUPS", "")
+    if flag not in ("", "2", "3"):
+        raise ValueError(f"MIXKVQ_STEP_GROUPS must be 2, 3 or unset, got {flag!r}")
+    steps = int(flag or 2)
+    if steps == 3 and prefetch:
+        raise ValueError("MIXKVQ_STEP_GROUPS=3 needs the L2 prefetch off (MIXKVQ_PREFETCH=0)")
+    return steps
+
+
 def check_kernel_device(device: torch.device, caller: str) -> None:
     """``ValueError`` unless Triton can run on ``device`` (CUDA, or any device under the interpreter)."""
     if device.type != "cuda" and not interpreting():
