@@ -6,16 +6,19 @@ For each method of ``bench/e2e.py`` (same model, same chunked prefill, same gene
 warm-up calls that compile and capture the graphs: one unprofiled generate() gives the decode step's
 time (median interval between tokens, as in ``e2e.py``); then the prompt is written to the cache again
 and a generate() of ``--new-tokens`` tokens runs under ``torch.profiler``. All of its forwards are
-one-token decode steps over the filled cache (generate() feeds the prompt's last token first), so each
-kernel's device time divided by ``--new-tokens`` is its time per step. Printed per method:
+one-token decode steps over the filled cache (generate() feeds the prompt's last token first); the
+first is left out (transformers runs it eagerly where it compiles the decode step itself, ``hf`` and
+``strong``), so each kernel's device time over the others, divided by ``--new-tokens`` - 1, is its
+time per step. Printed per method:
 - device microseconds per step by kind of kernel (``category``): the weight products (cuBLAS, CUTLASS
   or Inductor's matmul templates), attention (mixkvq's or SDPA's), mixkvq's KV writes, Inductor's
   other fused kernels, and the rest;
 - ``busy``: the union of the kernels' intervals per step (overlapping kernels counted once) against
   the step's wall time: the difference is time the GPU waits (launches, synchronization);
 - the kernels with the most time per step;
-- with ``--host N``, the host is profiled too and its N events with the most inclusive time per step
-  are listed (calls, self and inclusive microseconds per step): what the host does while the GPU waits.
+- with ``--host N``, the N host events with the most inclusive time per step (calls, self and
+  inclusive microseconds per step): what the host does while the GPU waits. The profiler slows the
+  host (the unprofiled step is the time to compare with), so read them as proportions.
 ``--layers`` below 32 shortens compile and prefill; the per-layer kinds scale with it, the LM head
 and embedding do not. Results go to stdout and, when ``$OUT`` is set, to ``$OUT/e2e_profile.jsonl``.
 """
@@ -85,16 +88,44 @@ def per_step(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     }
 
 
-def profiled_generate(model, ids, cache, chunk: int, new_tokens: int, host: bool = False):
-    """The kernels (name, start us, end us) of one generate() of ``new_tokens`` tokens after the prompt
-    (all but its last token) was written to ``cache`` in ``chunk``-token forwards, unprofiled; and with
-    ``host``, its host events as (name, calls, self us, total us), else an empty list."""
+#: The name of the host event that ``TokenMarker`` records at every generated token.
+TOKEN_MARK = "e2e_profile: token"
+
+
+class TokenMarker:
+    """A logits processor that synchronizes and records a ``TOKEN_MARK`` host event at every token: a
+    forward's kernels start after the mark of the token before it."""
+
+    def __call__(self, input_ids, scores):
+        from torch.profiler import record_function
+
+        torch.cuda.synchronize()
+        with record_function(TOKEN_MARK):
+            pass
+        return scores
+
+
+def after_first_token(records: list[tuple], marks: list[float]) -> list[tuple]:
+    """The ``records`` (name, start us, ...) that start after the first of ``marks`` (the end times of
+    the ``TOKEN_MARK`` events): the forwards after generate()'s first, which transformers runs
+    eagerly when it compiles the decode step itself (``hf``, ``strong``)."""
+    if len(marks) < 2:
+        raise RuntimeError(f"{len(marks)} token marks: need at least 2 generated tokens")
+    first = min(marks)
+    return [r for r in records if r[1] >= first]
+
+
+def profiled_generate(model, ids, cache, chunk: int, new_tokens: int):
+    """The kernels (name, start us, end us) and host events (name, start us, self us, total us) of the
+    forwards after the first of one generate() of ``new_tokens`` tokens (``after_first_token``; there
+    are ``new_tokens - 1`` of them), after the prompt (all but its last token) was written to
+    ``cache`` in ``chunk``-token forwards, unprofiled."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers import LogitsProcessorList
 
     prefill_in_chunks(model, ids, cache, chunk)
     torch.cuda.synchronize()
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -102,29 +133,39 @@ def profiled_generate(model, ids, cache, chunk: int, new_tokens: int, host: bool
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
+            logits_processor=LogitsProcessorList([TokenMarker()]),
         )
         torch.cuda.synchronize()
+    events = prof.events()
+    marks = [e.time_range.end for e in events if e.name == TOKEN_MARK]
     kernels = [
         (e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()
+        for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     ]
     if not kernels:
         raise RuntimeError("the profiler recorded no kernels (CUPTI unavailable?)")
-    cpu = torch.autograd.DeviceType.CPU
-    events = [
-        (a.key, a.count, a.self_cpu_time_total, a.cpu_time_total)
-        for a in (prof.key_averages() if host else [])
-        if a.device_type == cpu
+    host = [
+        (e.name, e.time_range.start, e.self_cpu_time_total, e.cpu_time_total)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name != TOKEN_MARK
     ]
-    return kernels, events
+    return after_first_token(kernels, marks), after_first_token(host, marks)
 
 
-def host_per_step(events: list[tuple[str, int, float, float]], steps: int, top: int) -> list[tuple]:
-    """The ``top`` host events by inclusive time, per step: (name, calls, self us, total us)."""
-    ranked = sorted(events, key=lambda e: -e[3])[:top]
+def host_per_step(events: list[tuple[str, float, float, float]], steps: int, top: int) -> list[tuple]:
+    """The ``top`` host event names by inclusive time, per step: (name, calls, self us, total us), from
+    ``events`` (name, start us, self us, total us)."""
+    totals: dict[str, list[float]] = {}
+    for name, _start, self_us, total_us in events:
+        entry = totals.setdefault(name, [0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += self_us
+        entry[2] += total_us
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][2])[:top]
     return [
-        (name, calls / steps, self_us / steps, total_us / steps) for name, calls, self_us, total_us in ranked
+        (name, calls / steps, self_us / steps, total_us / steps)
+        for name, (calls, self_us, total_us) in ranked
     ]
 
 
@@ -141,14 +182,15 @@ def profile_method(
         timed_generate(model, ids, new_tokens, cache, chunk)
     _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
     del out
-    kernels, events = profiled_generate(model, ids, cache, chunk, new_tokens, host > 0)
+    kernels, events = profiled_generate(model, ids, cache, chunk, new_tokens)
+    steps = new_tokens - 1
     model.forward = eager_forward
     del cache
     torch.cuda.empty_cache()
     result = {"method": method, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
     result |= {"step_us": step * 1e6, "gpu_last": run_info["gpu_last"]}
-    result["host"] = host_per_step(events, new_tokens, host)
-    return result | per_step(kernels, new_tokens)
+    result["host"] = host_per_step(events, steps, host) if host else []
+    return result | per_step(kernels, steps)
 
 
 def print_profile(result: dict, top: int) -> None:

@@ -71,13 +71,19 @@ def test_per_step_sums_by_category_and_kernel():
         profile.per_step(kernels, 0)
 
 
-def test_host_per_step_ranks_by_inclusive_time_and_divides_by_steps():
-    events = [
-        ("aten::copy_", 40, 400.0, 800.0),
-        ("Torch-Compiled Region", 8, 80.0, 4000.0),
-        ("x", 8, 8.0, 8.0),
-    ]
+def test_host_per_step_sums_events_by_name_ranks_by_inclusive_time_and_divides_by_steps():
+    events = [("aten::copy_", float(t), 10.0, 20.0) for t in range(40)]
+    events += [("Torch-Compiled Region", float(t), 10.0, 500.0) for t in range(8)]
+    events += [("x", 0.0, 1.0, 1.0)] * 8
     assert profile.host_per_step(events, 8, 2) == [
         ("Torch-Compiled Region", 1.0, 10.0, 500.0),
         ("aten::copy_", 5.0, 50.0, 100.0),
     ]
+
+
+def test_after_first_token_leaves_out_the_first_forward():
+    kernels = [("eager_mm", 5.0, 9.0), ("graph_mm", 12.0, 14.0), ("graph_mm", 22.0, 24.0)]
+    marks = [20.0, 10.0, 30.0]  # the end of each token's mark, in any order
+    assert profile.after_first_token(kernels, marks) == kernels[1:]
+    with pytest.raises(RuntimeError, match="1 token marks"):
+        profile.after_first_token(kernels, [10.0])
