@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e import llama3_8b, prefill_in_chunks, register_baselines, set_method, single_call, timed_generate  # noqa: E402
 from gpu_state import describe  # noqa: E402
+from step_timeline import device_kernels  # noqa: E402
 
 #: (category, substrings of a kernel's name), tried in this order; the first match wins.
 CATEGORIES = (
@@ -138,13 +139,7 @@ def profiled_generate(model, ids, cache, chunk: int, new_tokens: int):
         torch.cuda.synchronize()
     events = prof.events()
     marks = [e.time_range.end for e in events if e.name == TOKEN_MARK]
-    kernels = [
-        (e.name, e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-    ]
-    if not kernels:
-        raise RuntimeError("the profiler recorded no kernels (CUPTI unavailable?)")
+    kernels = device_kernels(events)
     host = [
         (e.name, e.time_range.start, e.self_cpu_time_total, e.cpu_time_total)
         for e in events

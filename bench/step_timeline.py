@@ -52,12 +52,20 @@ def kernel_records(graph: torch.cuda.CUDAGraph, replays: int) -> list[list[tuple
         for _ in range(replays):
             graph.replay()
             torch.cuda.synchronize()
+    return split_replays(device_kernels(prof.events()), replays)
+
+
+def device_kernels(events) -> list[tuple[str, float, float]]:
+    """The GPU records among a profiler's ``events`` (``prof.events()``) as (name, start us, end us);
+    ``RuntimeError`` if there are none (CUPTI unavailable)."""
     kernels = [
         (e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()
+        for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     ]
-    return split_replays(kernels, replays)
+    if not kernels:
+        raise RuntimeError("the profiler recorded no kernels (CUPTI unavailable?)")
+    return kernels
 
 
 def split_replays(

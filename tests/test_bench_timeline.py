@@ -52,3 +52,19 @@ def test_summarize_takes_the_longer_of_two_launches_of_the_main_kernel():
     per_kernel, _, main = timeline.summarize([step])
     assert main == pytest.approx(76.0)
     assert per_kernel["planar_split_kernel"] == pytest.approx((2.0, 40.5))
+
+
+def test_device_kernels_keeps_gpu_records_of_positive_length():
+    from types import SimpleNamespace
+
+    import torch
+
+    def event(name, device, start, end):
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(name=name, device_type=device, time_range=span)
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event("k1", cuda, 1.0, 3.0), event("aten::mm", cpu, 0.0, 9.0), event("k0", cuda, 4.0, 4.0)]
+    assert timeline.device_kernels(events) == [("k1", 1.0, 3.0)]
+    with pytest.raises(RuntimeError, match="no kernels"):
+        timeline.device_kernels(events[1:])

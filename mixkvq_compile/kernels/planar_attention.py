@@ -823,7 +823,7 @@ def planar_split_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     MASKED_WALK: tl.constexpr,
-    STEP_GROUPS: tl.constexpr = 2,
+    STEP_GROUPS: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
