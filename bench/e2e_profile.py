@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e import llama3_8b, prefill_in_chunks, register_baselines, set_method, single_call, timed_generate  # noqa: E402
 from gpu_state import describe  # noqa: E402
+from host_phases import PHASES, HostClock, instrumented, median_phases, step_phases  # noqa: E402
 from step_timeline import device_kernels  # noqa: E402
 
 #: (category, substrings of a kernel's name), tried in this order; the first match wins.
@@ -68,10 +69,40 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+#: A gap between kernels at least this long (us) is counted as the GPU waiting for the host; shorter
+#: ones are the launch latency between the kernels of one graph (or of back-to-back launches).
+LONG_GAP_US = 20.0
+
+
+def idle_gaps(kernels: list[tuple[str, float, float]], steps: int) -> dict:
+    """The GPU's idle time between the profiled ``kernels`` (name, start us, end us), per step of
+    ``steps``: ``short_us`` and ``long_us`` (gaps shorter or not than ``LONG_GAP_US``), ``long_count``,
+    and ``short_before_us``: the short gaps by the category of the kernel that ends them."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    short, long, count = 0.0, 0.0, 0
+    before: dict[str, float] = collections.defaultdict(float)
+    reach = ordered[0][2] if ordered else 0.0
+    for name, start, end in ordered[1:]:
+        gap = start - reach
+        if gap >= LONG_GAP_US:
+            long, count = long + gap, count + 1
+        elif gap > 0:
+            short += gap
+            before[category(name)] += gap / steps
+        reach = max(reach, end)
+    return {
+        "short_us": short / steps,
+        "long_us": long / steps,
+        "long_count": count / steps,
+        "short_before_us": dict(before),
+    }
+
+
 def per_step(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     """Per step of ``steps``, from the profiled ``kernels`` (name, start us, end us): microseconds by
-    category, the union of the kernels' intervals (``busy_us``), and per kernel name (its first 60
-    characters) its launches, microseconds and category (of the full name)."""
+    category, the union of the kernels' intervals (``busy_us``), the idle gaps between them
+    (``gaps``, see ``idle_gaps``), and per kernel name (its first 60 characters) its launches,
+    microseconds and category (of the full name)."""
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     by_category: dict[str, float] = collections.defaultdict(float)
@@ -85,6 +116,7 @@ def per_step(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     return {
         "category_us": dict(by_category),
         "busy_us": union_length([(s, e) for _, s, e in kernels]) / steps,
+        "gaps": idle_gaps(kernels, steps),
         "kernels": {n: tuple(v) for n, v in by_kernel.items()},
     }
 
@@ -148,6 +180,29 @@ def profiled_generate(model, ids, cache, chunk: int, new_tokens: int):
     return after_first_token(kernels, marks), after_first_token(host, marks)
 
 
+def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[str, float]:
+    """The median host phases (``host_phases.PHASES``, microseconds, and the counts of graph launches
+    and Inductor graph calls) of the decode steps in the second half of one unprofiled generate() of
+    ``new_tokens`` tokens, after the prompt was written to ``cache`` in ``chunk``-token forwards."""
+    from transformers import LogitsProcessorList
+
+    clock = HostClock()
+    prefill_in_chunks(model, ids, cache, chunk)
+    torch.cuda.synchronize()
+    with instrumented(model, clock):
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock.marker(torch.cuda.synchronize)]),
+        )
+    steps = step_phases(clock.events)
+    return median_phases(steps[len(steps) // 2 :])
+
+
 def host_per_step(events: list[tuple[str, float, float, float]], steps: int, top: int) -> list[tuple]:
     """The ``top`` host event names by inclusive time, per step: (name, calls, self us, total us), from
     ``events`` (name, start us, self us, total us)."""
@@ -177,13 +232,14 @@ def profile_method(
         timed_generate(model, ids, new_tokens, cache, chunk)
     _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
     del out
+    phases = host_phase_generate(model, ids, cache, chunk, new_tokens)
     kernels, events = profiled_generate(model, ids, cache, chunk, new_tokens)
     steps = new_tokens - 1
     model.forward = eager_forward
     del cache
     torch.cuda.empty_cache()
     result = {"method": method, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
-    result |= {"step_us": step * 1e6, "gpu_last": run_info["gpu_last"]}
+    result |= {"step_us": step * 1e6, "gpu_last": run_info["gpu_last"], "host_phases_us": phases}
     result["host"] = host_per_step(events, steps, host) if host else []
     return result | per_step(kernels, steps)
 
@@ -198,6 +254,21 @@ def print_profile(result: dict, top: int) -> None:
     )
     for label, us in sorted(result["category_us"].items(), key=lambda kv: -kv[1]):
         print(f"  {label:>20} {us:9.1f} us  {us / step:6.1%} of the step")
+    gaps = result["gaps"]
+    before = ", ".join(
+        f"{k} {v:.0f}" for k, v in sorted(gaps["short_before_us"].items(), key=lambda kv: -kv[1])
+    )
+    print(
+        f"  {'GPU idle':>20} {gaps['long_us']:9.1f} us in {gaps['long_count']:.1f} gaps "
+        f">= {LONG_GAP_US:.0f} us, "
+        f"{gaps['short_us']:.1f} us in shorter ones (before: {before})"
+    )
+    phases = result["host_phases_us"]
+    print(
+        "  host phases (unprofiled, median us): "
+        + ", ".join(f"{name} {phases[name]:.0f}" for name in PHASES)
+        + f"; {phases['launches']:.0f} graph launches, {phases['graphs']:.0f} graph calls"
+    )
     print(f"  {'top kernels':>20} {'launches':>9} {'us':>9}")
     ranked = sorted(result["kernels"].items(), key=lambda kv: -kv[1][1])[:top]
     for name, (launches, us, kind) in ranked:

@@ -87,3 +87,18 @@ def test_after_first_token_leaves_out_the_first_forward():
     assert profile.after_first_token(kernels, marks) == kernels[1:]
     with pytest.raises(RuntimeError, match="1 token marks"):
         profile.after_first_token(kernels, [10.0])
+
+
+def test_idle_gaps_splits_short_and_long_gaps_and_names_the_kernel_after_a_short_one():
+    kernels = [
+        ("nvjet_tst_64x8", 0.0, 100.0),
+        ("planar_split_kernel", 90.0, 150.0),  # overlaps: no gap
+        ("_combine_kernel", 155.0, 160.0),  # 5 us after the reach of 150
+        ("triton_poi_fused_add_0", 200.0, 210.0),  # 40 us: the host
+        ("nvjet_tst_64x8", 213.0, 300.0),  # 3 us
+    ]
+    gaps = profile.idle_gaps(kernels[::-1], steps=2)  # any order
+    assert gaps["short_us"] == pytest.approx(4.0) and gaps["long_us"] == pytest.approx(20.0)
+    assert gaps["long_count"] == pytest.approx(0.5)
+    assert gaps["short_before_us"] == pytest.approx({"attention (mixkvq)": 2.5, "matmul": 1.5})
+    assert profile.per_step(kernels, 2)["gaps"] == gaps
