@@ -19,6 +19,12 @@ time per step. Printed per method:
 - with ``--host N``, the N host events with the most inclusive time per step (calls, self and
   inclusive microseconds per step): what the host does while the GPU waits. The profiler slows the
   host (the unprofiled step is the time to compare with), so read them as proportions.
+- the GPU's idle gaps between kernels: short ones (launch latency within a graph) and long ones (the
+  GPU waiting for the host);
+- the host's phases of a decode step, measured in a separate unprofiled generate()
+  (``bench/host_phases.py``): generate()'s Python, Dynamo's guards and AOTAutograd's wrappers,
+  cudagraph trees' bookkeeping, the graph launch; and the last step's CUDA graph replayed
+  back to back (its GPU time without the host's time between steps).
 ``--layers`` below 32 shortens compile and prefill; the per-layer kinds scale with it, the LM head
 and embedding do not. Results go to stdout and, when ``$OUT`` is set, to ``$OUT/e2e_profile.jsonl``.
 """
@@ -37,7 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e import llama3_8b, prefill_in_chunks, register_baselines, set_method, single_call, timed_generate  # noqa: E402
 from gpu_state import describe  # noqa: E402
-from host_phases import PHASES, HostClock, instrumented, median_phases, step_phases  # noqa: E402
+from host_phases import PHASES, HostClock, instrumented, median_phases, replay_seconds, step_phases  # noqa: E402
+
+#: Replays of the last decode step's CUDA graph, timed back to back (``host_phases.replay_seconds``);
+#: the cache holds this many tokens more than the prompt and the generated ones.
+REPLAYS = 10
 from step_timeline import device_kernels  # noqa: E402
 
 #: (category, substrings of a kernel's name), tried in this order; the first match wins.
@@ -183,7 +193,9 @@ def profiled_generate(model, ids, cache, chunk: int, new_tokens: int):
 def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[str, float]:
     """The median host phases (``host_phases.PHASES``, microseconds, and the counts of graph launches
     and Inductor graph calls) of the decode steps in the second half of one unprofiled generate() of
-    ``new_tokens`` tokens, after the prompt was written to ``cache`` in ``chunk``-token forwards."""
+    ``new_tokens`` tokens, after the prompt was written to ``cache`` in ``chunk``-token forwards; and
+    ``graph replay``: the device microseconds of the last step's CUDA graph replayed ``REPLAYS`` times
+    back to back (``cache`` must hold ``REPLAYS`` tokens more)."""
     from transformers import LogitsProcessorList
 
     clock = HostClock()
@@ -200,7 +212,11 @@ def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[
             logits_processor=LogitsProcessorList([clock.marker(torch.cuda.synchronize)]),
         )
     steps = step_phases(clock.events)
-    return median_phases(steps[len(steps) // 2 :])
+    phases = median_phases(steps[len(steps) // 2 :])
+    graph = clock.last_receiver.get("launch")
+    if graph is None:
+        raise RuntimeError("generate() launched no CUDA graph: nothing to replay")
+    return phases | {"graph replay": replay_seconds(graph, REPLAYS) * 1e6}
 
 
 def host_per_step(events: list[tuple[str, float, float, float]], steps: int, top: int) -> list[tuple]:
@@ -227,7 +243,7 @@ def profile_method(
 
     eager_forward = set_method(model, method)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
-    cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + REPLAYS)
     for _ in range(2):
         timed_generate(model, ids, new_tokens, cache, chunk)
     _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)
@@ -267,7 +283,8 @@ def print_profile(result: dict, top: int) -> None:
     print(
         "  host phases (unprofiled, median us): "
         + ", ".join(f"{name} {phases[name]:.0f}" for name in PHASES)
-        + f"; {phases['launches']:.0f} graph launches, {phases['graphs']:.0f} graph calls"
+        + f"; {phases['launches']:.0f} graph launches, {phases['graphs']:.0f} graph calls; the graph "
+        f"replayed back to back: {phases['graph replay']:.0f} us of GPU time"
     )
     print(f"  {'top kernels':>20} {'launches':>9} {'us':>9}")
     ranked = sorted(result["kernels"].items(), key=lambda kv: -kv[1][1])[:top]

@@ -41,6 +41,8 @@ class HostClock:
 
     def __init__(self):
         self.events: list[tuple[str, float]] = []
+        #: per label, the first argument of the latest timed call (``self`` of a patched method)
+        self.last_receiver: dict[str, object] = {}
 
     def mark(self, label: str) -> None:
         self.events.append((label, time.perf_counter()))
@@ -49,6 +51,8 @@ class HostClock:
         """``function`` wrapped to record ``label + ":enter"`` and ``label + ":exit"``."""
 
         def wrapper(*args, **kwargs):
+            if args:
+                self.last_receiver[label] = args[0]
             self.mark(label + ":enter")
             try:
                 return function(*args, **kwargs)
@@ -104,6 +108,26 @@ def instrumented(model, clock: HostClock):
             yield
         finally:
             del model.get_compiled_call
+
+
+def replay_seconds(graph, replays: int) -> float:
+    """Device seconds per replay of ``graph`` (a ``torch.cuda.CUDAGraph``) over ``replays`` replays
+    launched back to back (timed with CUDA events): the graph's GPU time with its kernels' launch gaps,
+    without the host's time between steps. Each replay runs the step again (a decode step writes one
+    more token: the cache needs room for ``replays`` more)."""
+    import torch
+
+    if replays < 1:
+        raise ValueError(f"replays must be positive, got {replays}")
+    graph.replay()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
 
 
 def step_phases(events: list[tuple[str, float]]) -> list[dict[str, float]]:
