@@ -23,8 +23,8 @@ time per step. Printed per method:
   GPU waiting for the host);
 - the host's phases of a decode step, measured in a separate unprofiled generate()
   (``bench/host_phases.py``): generate()'s Python, Dynamo's guards and AOTAutograd's wrappers,
-  cudagraph trees' bookkeeping, the graph launch; and the last step's CUDA graph replayed
-  back to back (its GPU time without the host's time between steps).
+  cudagraph trees' bookkeeping, the graph launch; and the last step's compiled call made again
+  back to back (its CUDA graph's GPU time without the host's time between steps).
 ``--layers`` below 32 shortens compile and prefill; the per-layer kinds scale with it, the LM head
 and embedding do not. Results go to stdout and, when ``$OUT`` is set, to ``$OUT/e2e_profile.jsonl``.
 """
@@ -43,10 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e import llama3_8b, prefill_in_chunks, register_baselines, set_method, single_call, timed_generate  # noqa: E402
 from gpu_state import describe  # noqa: E402
-from host_phases import PHASES, HostClock, instrumented, median_phases, replay_seconds, step_phases  # noqa: E402
+from host_phases import PHASES, HostClock, back_to_back_seconds, instrumented, median_phases, step_phases  # noqa: E402
 
-#: Replays of the last decode step's CUDA graph, timed back to back (``host_phases.replay_seconds``);
-#: the cache holds this many tokens more than the prompt and the generated ones.
+#: Calls of the last decode step, timed back to back (``host_phases.back_to_back_seconds``); the
+#: cache holds one token more than this beyond the prompt and the generated tokens.
 REPLAYS = 10
 from step_timeline import device_kernels  # noqa: E402
 
@@ -194,8 +194,8 @@ def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[
     """The median host phases (``host_phases.PHASES``, microseconds, and the counts of graph launches
     and Inductor graph calls) of the decode steps in the second half of one unprofiled generate() of
     ``new_tokens`` tokens, after the prompt was written to ``cache`` in ``chunk``-token forwards; and
-    ``graph replay``: the device microseconds of the last step's CUDA graph replayed ``REPLAYS`` times
-    back to back (``cache`` must hold ``REPLAYS`` tokens more)."""
+    ``graph replay``: the device microseconds per step of the last step's compiled call made
+    ``REPLAYS`` times back to back (``cache`` must hold ``REPLAYS`` + 1 tokens more)."""
     from transformers import LogitsProcessorList
 
     clock = HostClock()
@@ -213,10 +213,10 @@ def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[
         )
     steps = step_phases(clock.events)
     phases = median_phases(steps[len(steps) // 2 :])
-    graph = clock.last_receiver.get("launch")
-    if graph is None:
+    if "launch" not in clock.last_arguments:
         raise RuntimeError("generate() launched no CUDA graph: nothing to replay")
-    return phases | {"graph replay": replay_seconds(graph, REPLAYS) * 1e6}
+    args, kwargs = clock.last_arguments["call"]
+    return phases | {"graph replay": back_to_back_seconds(clock.compiled_call, args, kwargs, REPLAYS) * 1e6}
 
 
 def host_per_step(events: list[tuple[str, float, float, float]], steps: int, top: int) -> list[tuple]:
@@ -243,7 +243,7 @@ def profile_method(
 
     eager_forward = set_method(model, method)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
-    cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + REPLAYS)
+    cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + REPLAYS + 1)
     for _ in range(2):
         timed_generate(model, ids, new_tokens, cache, chunk)
     _, step, out, run_info = single_call(model, ids, new_tokens, cache, chunk)

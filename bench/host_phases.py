@@ -41,8 +41,10 @@ class HostClock:
 
     def __init__(self):
         self.events: list[tuple[str, float]] = []
-        #: per label, the first argument of the latest timed call (``self`` of a patched method)
-        self.last_receiver: dict[str, object] = {}
+        #: per label, the arguments (args, kwargs) of the latest timed call
+        self.last_arguments: dict[str, tuple[tuple, dict]] = {}
+        #: the compiled call that ``instrumented`` saw generate() take (None before)
+        self.compiled_call = None
 
     def mark(self, label: str) -> None:
         self.events.append((label, time.perf_counter()))
@@ -51,8 +53,7 @@ class HostClock:
         """``function`` wrapped to record ``label + ":enter"`` and ``label + ":exit"``."""
 
         def wrapper(*args, **kwargs):
-            if args:
-                self.last_receiver[label] = args[0]
+            self.last_arguments[label] = (args, kwargs)
             self.mark(label + ":enter")
             try:
                 return function(*args, **kwargs)
@@ -97,7 +98,9 @@ def instrumented(model, clock: HostClock):
     original_get = model.get_compiled_call
 
     def get_compiled_call(*args, **kwargs):
-        return clock.timed(original_get(*args, **kwargs), "call")
+        compiled = original_get(*args, **kwargs)
+        clock.compiled_call = compiled
+        return clock.timed(compiled, "call")
 
     with (
         clock.patch(CompiledFxGraph, "__call__", "graph"),
@@ -110,24 +113,26 @@ def instrumented(model, clock: HostClock):
             del model.get_compiled_call
 
 
-def replay_seconds(graph, replays: int) -> float:
-    """Device seconds per replay of ``graph`` (a ``torch.cuda.CUDAGraph``) over ``replays`` replays
-    launched back to back (timed with CUDA events): the graph's GPU time with its kernels' launch gaps,
-    without the host's time between steps. Each replay runs the step again (a decode step writes one
-    more token: the cache needs room for ``replays`` more)."""
+def back_to_back_seconds(call, args: tuple, kwargs: dict, calls: int) -> float:
+    """Device seconds per call of ``call(*args, **kwargs)`` over ``calls`` calls made back to back
+    without synchronizing (timed with CUDA events): for a decode step whose host time is shorter than
+    its GPU time, the GPU time of its CUDA graph with its kernels' launch gaps, without the host's time
+    between steps. Each call runs the step again (a decode step writes one more token: the cache needs
+    room for ``calls`` + 1 more). The step must run through its compiled call (cudagraph trees copy the
+    inputs into the graph's buffers): a CUDA graph replayed alone reads whatever those buffers hold."""
     import torch
 
-    if replays < 1:
-        raise ValueError(f"replays must be positive, got {replays}")
-    graph.replay()  # warm
+    if calls < 1:
+        raise ValueError(f"calls must be positive, got {calls}")
+    call(*args, **kwargs)  # warm
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(replays):
-        graph.replay()
+    for _ in range(calls):
+        call(*args, **kwargs)
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def step_phases(events: list[tuple[str, float]]) -> list[dict[str, float]]:
