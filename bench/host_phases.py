@@ -124,13 +124,14 @@ def back_to_back_seconds(call, args: tuple, kwargs: dict, calls: int) -> float:
 
     if calls < 1:
         raise ValueError(f"calls must be positive, got {calls}")
-    call(*args, **kwargs)  # warm
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        call(*args, **kwargs)
-    end.record()
+    with torch.no_grad():  # as in generate(): with grad mode on, Dynamo would compile another graph
+        call(*args, **kwargs)  # warm
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            call(*args, **kwargs)
+        end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / calls
 
