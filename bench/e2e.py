@@ -41,8 +41,10 @@ prefill and first-call times are then that call's time to the first token, compi
 Weights do not change speed, so random weights measure the real cost. The byte roofline of a step is
 (weight bytes + KV bytes held) / measured copy bandwidth.
 ``--sliding-window W`` builds the same shape as a Mistral model whose every layer keeps a W-token window
-(KV / fp16 is then against a 16-bit cache of the window). Results go to stdout (a table) and, when
-``$OUT`` is set, to ``$OUT/e2e.jsonl``.
+(KV / fp16 is then against a 16-bit cache of the window). Every point (method, batch,
+context) runs in a fresh process (``bench/isolated.py`` says why; until 2026-11-28 all points ran in one
+process, the methods after the first paying a slower graph launch). Results go to stdout (a table) and,
+when ``$OUT`` is set, to ``$OUT/e2e.jsonl``.
 """
 
 from __future__ import annotations
@@ -353,7 +355,7 @@ def run(
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -374,50 +376,101 @@ def main() -> None:
     parser.add_argument(
         "--sliding-window", type=int, default=0, help="> 0: every layer a sliding window of this many tokens"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--child", action="store_true", help="run the one point given, in this process (what each child does)"
+    )
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 4:
         parser.error("--repeats must be at least 1 and --new-tokens at least 4 (a step is timed per token)")
+    points = [
+        (m, b, c)
+        for c in args.contexts.split(",")
+        for b in args.batches.split(",")
+        for m in args.methods.split(",")
+    ]
+    if args.child and len(points) != 1:
+        parser.error("--child runs one point: one method, one batch, one context")
+    return args
 
+
+def child_argv(args: argparse.Namespace, method: str, batch: str, context: str) -> list[str]:
+    """The command line of the child process that measures one point with ``args``' settings."""
+    from isolated import script_argv
+
+    return script_argv(
+        os.path.abspath(__file__),
+        {
+            "--methods": method,
+            "--batches": batch,
+            "--contexts": context,
+            "--layers": args.layers,
+            "--new-tokens": args.new_tokens,
+            "--prefill-chunk": args.prefill_chunk,
+            "--single-call": args.single_call,
+            "--repeats": args.repeats,
+            "--sliding-window": args.sliding_window,
+            "--child": True,
+        },
+    )
+
+
+def measure_point(args: argparse.Namespace) -> dict:
+    """In a child: the one point of ``args`` (``--child``), measured in this process."""
+    method, batch, context = args.methods, int(args.batches), int(args.contexts)
     register_baselines()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = llama3_8b(args.layers, args.sliding_window)
+    try:
+        result = run(
+            model,
+            method,
+            batch,
+            context,
+            args.new_tokens,
+            bandwidth,
+            args.prefill_chunk,
+            args.single_call,
+            args.repeats,
+        )
+    except torch.OutOfMemoryError:
+        result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
+    print(json.dumps(result), flush=True)
+    for i, r in enumerate(result.get("runs", [])):
+        print(
+            f"  run {i}: step {result['step_ms_runs'][i]:.2f} ms (timed steps "
+            f"{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}); GPU after the first token "
+            f"{describe(r['gpu_first'])}, after the last {describe(r['gpu_last'])}",
+            flush=True,
+        )
+    return result
+
+
+def main() -> None:
+    from isolated import emit, run_child
+
+    args = parse_args()
+    if args.child:
+        emit(measure_point(args))
+        return
     results = []
     out_path = os.path.join(os.environ["OUT"], "e2e.jsonl") if os.environ.get("OUT") else None
-    for context in map(int, args.contexts.split(",")):
-        for batch in map(int, args.batches.split(",")):
+    for context in args.contexts.split(","):
+        for batch in args.batches.split(","):
             for method in args.methods.split(","):
+                print(f"== {method}, batch {batch}, context {context}: a fresh process", flush=True)
                 try:
-                    result = run(
-                        model,
-                        method,
-                        batch,
-                        context,
-                        args.new_tokens,
-                        bandwidth,
-                        args.prefill_chunk,
-                        args.single_call,
-                        args.repeats,
-                    )
-                except torch.OutOfMemoryError:
-                    result = {"method": method, "batch": batch, "context": context, "error": "out of memory"}
-                    model.forward = model.__class__.forward.__get__(model)
-                    torch._dynamo.reset()
-                    torch.cuda.empty_cache()
-                print(json.dumps(result), flush=True)
-                for i, r in enumerate(result.get("runs", [])):
-                    print(
-                        f"  run {i}: step {result['step_ms_runs'][i]:.2f} ms (timed steps "
-                        f"{r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}); GPU after the first token "
-                        f"{describe(r['gpu_first'])}, after the last {describe(r['gpu_last'])}",
-                        flush=True,
-                    )
-                results.append(result)
+                    point = run_child(child_argv(args, method, batch, context))
+                except RuntimeError as error:
+                    point = [
+                        {"method": method, "batch": int(batch), "context": int(context), "error": str(error)}
+                    ]
+                results += point
                 if out_path:
                     with open(out_path, "a") as handle:
-                        handle.write(json.dumps(result) + "\n")
+                        handle.writelines(json.dumps(r) + "\n" for r in point)
     print(
         f"\n{'method':>7} {'B':>3} {'ctx':>6} {'step ms':>8} {'tok/s':>8} {'roofline':>8} {'frac':>5} "
         f"{'peak GiB':>8} {'KV GiB':>7} {'KV/fp16':>7} {'prefill s':>9} {'1st call s':>10}"

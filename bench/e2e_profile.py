@@ -25,6 +25,7 @@ time per step. Printed per method:
   (``bench/host_phases.py``): generate()'s Python, Dynamo's guards and AOTAutograd's wrappers,
   cudagraph trees' bookkeeping, the graph launch; and the last step's compiled call made again
   back to back (its CUDA graph's GPU time without the host's time between steps).
+Each method runs in a fresh process (``bench/isolated.py`` says why).
 ``--layers`` below 32 shortens compile and prefill; the per-layer kinds scale with it, the LM head
 and embedding do not. Results go to stdout and, when ``$OUT`` is set, to ``$OUT/e2e_profile.jsonl``.
 """
@@ -296,7 +297,19 @@ def print_profile(result: dict, top: int) -> None:
             print(f"  {name[:60]:<60} {calls:7.1f} {self_us:9.1f} {total_us:9.1f}")
 
 
-def main() -> None:
+#: The options a child gets from its parent (besides ``--methods`` and ``--child``).
+CHILD_OPTIONS = ("--batch", "--context", "--layers", "--new-tokens", "--prefill-chunk", "--host")
+
+
+def child_argv(args: argparse.Namespace, method: str) -> list[str]:
+    """The command line of the child process that profiles ``method`` with ``args``' settings."""
+    from isolated import script_argv
+
+    options = {name: getattr(args, name.strip("-").replace("-", "_")) for name in CHILD_OPTIONS}
+    return script_argv(os.path.abspath(__file__), options | {"--methods": method, "--child": True})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -310,22 +323,36 @@ def main() -> None:
     parser.add_argument(
         "--host", type=int, default=0, help="> 0: also profile the host and list this many of its events"
     )
-    args = parser.parse_args()
+    parser.add_argument("--child", action="store_true", help="profile the one method given, in this process")
+    args = parser.parse_args(argv)
     if args.new_tokens < 4 or args.prefill_chunk < 1:
         parser.error("--new-tokens must be at least 4 and --prefill-chunk positive")
+    if args.child and "," in args.methods:
+        parser.error("--child profiles one method")
+    return args
+
+
+def main() -> None:
+    from isolated import emit, run_child
+
+    args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/e2e_profile.py needs a CUDA GPU")
-
-    register_baselines()
-    torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    model = llama3_8b(args.layers)
-    out_path = os.path.join(os.environ["OUT"], "e2e_profile.jsonl") if os.environ.get("OUT") else None
-    for method in args.methods.split(","):
-        print(f"{method}: warming up and profiling ...", flush=True)
-        result = profile_method(
-            model, method, args.batch, args.context, args.new_tokens, args.prefill_chunk, args.host
+    if args.child:
+        register_baselines()
+        torch.manual_seed(0)
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+        model = llama3_8b(args.layers)
+        print(f"{args.methods}: warming up and profiling ...", flush=True)
+        emit(
+            profile_method(
+                model, args.methods, args.batch, args.context, args.new_tokens, args.prefill_chunk, args.host
+            )
         )
+        return
+    out_path = os.path.join(os.environ["OUT"], "e2e_profile.jsonl") if os.environ.get("OUT") else None
+    for method in args.methods.split(","):  # each in a fresh process (``isolated``)
+        (result,) = run_child(child_argv(args, method))
         print_profile(result, args.top)
         if out_path:
             with open(out_path, "a") as handle:

@@ -102,3 +102,17 @@ def test_idle_gaps_splits_short_and_long_gaps_and_names_the_kernel_after_a_short
     assert gaps["long_count"] == pytest.approx(0.5)
     assert gaps["short_before_us"] == pytest.approx({"attention (mixkvq)": 2.5, "matmul": 1.5})
     assert profile.per_step(kernels, 2)["gaps"] == gaps
+
+
+def test_child_command_line_carries_every_setting_for_one_method():
+    args = profile.parse_args(
+        ["--methods", "strong,mixkvq", "--batch", "2", "--context", "4096", "--layers", "3"]
+    )
+    args_more = profile.parse_args(["--new-tokens", "6", "--prefill-chunk", "512", "--host", "7"])
+    for parent in (args, args_more):
+        child = profile.parse_args(profile.child_argv(parent, "kivi2")[2:])
+        assert child.child and child.methods == "kivi2"
+        for name in ("batch", "context", "layers", "new_tokens", "prefill_chunk", "host"):
+            assert getattr(child, name) == getattr(parent, name)
+    with pytest.raises(SystemExit):
+        profile.parse_args(["--methods", "strong,kivi2", "--child"])
