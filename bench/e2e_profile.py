@@ -19,8 +19,9 @@ time per step. Printed per method:
 - with ``--host N``, the N host events with the most inclusive time per step (calls, self and
   inclusive microseconds per step): what the host does while the GPU waits. The profiler slows the
   host (the unprofiled step is the time to compare with), so read them as proportions.
-- the GPU's idle gaps between kernels: short ones (launch latency within a graph) and long ones (the
-  GPU waiting for the host);
+- the GPU's idle gaps between kernels as the profiler records them: short ones (launch gaps, which
+  CUPTI lengthens: a graph's unprofiled GPU time shows none) and long ones (the GPU waiting for the
+  host);
 - the host's phases of a decode step, measured in a separate unprofiled generate()
   (``bench/host_phases.py``): generate()'s Python, Dynamo's guards and AOTAutograd's wrappers,
   cudagraph trees' bookkeeping, the graph launch; and the last step's compiled call made again
