@@ -665,14 +665,13 @@ def test_planar_decode_odd_group_count_per_split(num_splits):
         assert _rel(out, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("step_groups", ["2", "3"])
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize(("tokens", "num_splits"), [(200, 1), (200, 2), (270, 1), (270, 2), (270, 3)])
-def test_planar_decode_groups_per_step(step_groups, tokens, num_splits, monkeypatch):
-    """The walk in steps of two or three packed groups (``MIXKVQ_STEP_GROUPS``) over 5 or 7 groups in 1
-    to 3 splits, whose group counts leave 0, 1 or 2 groups after the last whole step of three, with and
-    without a mask over some packed tokens of one row."""
-    monkeypatch.setenv("MIXKVQ_STEP_GROUPS", step_groups)
-    monkeypatch.setenv("MIXKVQ_PREFETCH", "0")
+def test_planar_decode_groups_per_step(prefetch, tokens, num_splits, monkeypatch):
+    """The walk in steps of two packed groups, with and without the L2 prefetch (``MIXKVQ_PREFETCH``),
+    over 5 or 7 groups in 1 to 3 splits, whose group counts leave 0 or 1 group after the last whole
+    step, with and without a mask over some packed tokens of one row."""
+    monkeypatch.setenv("MIXKVQ_PREFETCH", prefetch)
     store, _, _ = _planar_store(128, torch.float16, tokens=tokens, seed=21, capacity=300)
     assert store.packed_groups == (5 if tokens == 200 else 7)
     query = torch.randn(2, 4, 1, 128, dtype=torch.float16, device=DEVICE)
@@ -681,19 +680,6 @@ def test_planar_decode_groups_per_step(step_groups, tokens, num_splits, monkeypa
     for m in (None, mask):
         out, ref = _run(query, store, tokens, mask=m, num_splits=num_splits)
         assert _rel(out, ref) < TOL[torch.float16]
-
-
-def test_step_groups_setting(monkeypatch):
-    """``MIXKVQ_STEP_GROUPS``: 2 unless set to 3; 3 only with the L2 prefetch off; other values refused."""
-    monkeypatch.delenv("MIXKVQ_STEP_GROUPS", raising=False)
-    assert _runtime.step_groups(0) == 2
-    monkeypatch.setenv("MIXKVQ_STEP_GROUPS", "3")
-    assert _runtime.step_groups(0) == 3
-    with pytest.raises(ValueError, match="MIXKVQ_PREFETCH=0"):
-        _runtime.step_groups(1)
-    monkeypatch.setenv("MIXKVQ_STEP_GROUPS", "4")
-    with pytest.raises(ValueError, match="MIXKVQ_STEP_GROUPS"):
-        _runtime.step_groups(0)
 
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])

@@ -79,30 +79,17 @@ def prefetch_steps(layout) -> int:
     step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k). With a mask now walked in two
     launches (``decode_attention``) kivi2 was still 2% slower with it (64 x 32k, 0.677 -> 0.692 ms,
     session 18), and 3-4% on the kernel of session 19 (bfloat16, all-true mask, 8 x 32k 0.0916 ->
-    0.0946 ms, 112 x 32k 1.0679 -> 1.1092, session 20)."""
+    0.0946 ms, 112 x 32k 1.0679 -> 1.1092, session 20). Measured again on session 21's kernel (H200,
+    2026-11-28, session 22), the mixed tiers still gain with it, though offline it costs them 50
+    instructions and 12 spill loads per step: MixKVQ's default tiers 8 x 32k 0.1512 -> 0.1429 ms,
+    112 x 32k 1.7943 -> 1.6265, 1 x 128k 0.0827 -> 0.0739 (bfloat16, all-true mask); 13 / 26 / 89
+    channels 0.1946 -> 0.1866 ms at 8 x 32k; 1-4% without a mask (float16)."""
     flag = os.environ.get("MIXKVQ_PREFETCH", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")
     if flag:
         return int(flag)
     return 1 if layout.planar_mixed else 0
-
-
-def step_groups(prefetch: int) -> int:
-    """Packed groups per step of the planar decode kernel's walk (``planar_attention._walk_step``): 2, or
-    3 with ``MIXKVQ_STEP_GROUPS=3`` (an A/B switch, not yet measured on a GPU: three independent
-    product chains per warp for a loop that waits on fixed latencies, one online-softmax rescale per 96
-    tokens). Offline (Triton 3.6, sm_90, kivi2, ``bench/sass.py``), instructions per step and group:
-    bfloat16, the first masked launch, 1500 per three groups (500 per group) against 982 per two (491),
-    1513 at three stages, no spills; float16 without a mask 1499 against 988. Three need the L2
-    prefetch off (``prefetch`` 0, see ``prefetch_steps``)."""
-    flag = os.environ.get("MIXKVQ_STEP_GROUPS", "")
-    if flag not in ("", "2", "3"):
-        raise ValueError(f"MIXKVQ_STEP_GROUPS must be 2, 3 or unset, got {flag!r}")
-    steps = int(flag or 2)
-    if steps == 3 and prefetch:
-        raise ValueError("MIXKVQ_STEP_GROUPS=3 needs the L2 prefetch off (MIXKVQ_PREFETCH=0)")
-    return steps
 
 
 def check_kernel_device(device: torch.device, caller: str) -> None:

@@ -47,7 +47,6 @@ from ._runtime import (
     packed_groups_before,
     prefetch_steps,
     scores_mask,
-    step_groups,
     store_arguments,
     tl,
     triton,
@@ -948,7 +947,6 @@ def decode_attention(
         # all-true mask: MixKVQ default 1.305 -> 1.213 ms, kivi2 0.707 -> 0.677 (0.676 without a mask);
         # e2e step at 64 rows 51.95 -> 47.74 ms (session 18).
         prefetch = prefetch_steps(lay)  # each step asks the L2 for the next step's groups
-        step = step_groups(prefetch)
         for masked_walk in (False, True) if mask_kind else (False,):
             planar_split_kernel[(bh, num_splits, q_blocks)](
                 query,
@@ -975,7 +973,6 @@ def decode_attention(
                 num_stages=num_stages or (2 if lay.planar_mixed else 3),
                 PDL=overlap,
                 PREFETCH=prefetch,
-                STEP_GROUPS=step,
                 launch_pdl=overlap,
             )
     elif num_splits:

@@ -586,7 +586,7 @@ def _walk_step(
     S: tl.constexpr, VGS: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_PACKED: tl.constexpr,
     HIGH: tl.constexpr, MID: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """One step of the online softmax over ``N`` (1 to 3) consecutive packed groups from ``grp`` (flat
+    """One step of the online softmax over ``N`` (1 or 2) consecutive packed groups from ``grp`` (flat
     index ``base + grp``): the running state ``(m_i, l_i, a0 .. a7, za)`` of ``_packed_groups`` updated
     with one rescale for all ``N`` groups."""
     tok = tl.arange(0, G)
@@ -594,17 +594,11 @@ def _walk_step(
     ks_a, kz_a, vs_a, vz_a = _group_qparams(kqp_ptr, vqp_ptr, gi, D, DV, G, VGS)
     if N >= 2:
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
-    if N >= 3:
-        ks_c, kz_c, vs_c, vz_c = _group_qparams(kqp_ptr, vqp_ptr, gi + 2, D, DV, G, VGS)
     # (in the order of the loop of two groups before the step was a function: the same code for two)
     s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
     if N >= 2:
         s_b = _group_scores(
             qs, kc_ptr, ks_b, kz_b, gi + 1, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP
-        )
-    if N >= 3:
-        s_c = _group_scores(
-            qs, kc_ptr, ks_c, kz_c, gi + 2, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP
         )
     s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
     m_top = tl.max(s_a, 1)
@@ -613,11 +607,6 @@ def _walk_step(
             s_b, S + (grp + 1) * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED
         )
         m_top = tl.maximum(m_top, tl.max(s_b, 1))
-    if N >= 3:
-        s_c = _masked(
-            s_c, S + (grp + 2) * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED
-        )
-        m_top = tl.maximum(m_top, tl.max(s_c, 1))
     m_new = tl.maximum(m_i, m_top)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -626,19 +615,12 @@ def _walk_step(
     if N >= 2:
         p_b = tl.exp2(s_b - m_safe[:, None])
         l_new += tl.sum(p_b, 1)
-    if N >= 3:
-        p_c = tl.exp2(s_c - m_safe[:, None])
-        l_new += tl.sum(p_c, 1)
     b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values_from_zero(
         p_a, vc_ptr, vs_a, vz_a, gi, BLOCK_M, DV, G, VGS, INTERP
     )
     if N >= 2:
         b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
             p_b, vc_ptr, vs_b, vz_b, gi + 1, b0, b1, b2, b3, b4, b5, b6, b7, zb, DV, G, VGS, INTERP
-        )
-    if N >= 3:
-        b0, b1, b2, b3, b4, b5, b6, b7, zb = _group_values(
-            p_c, vc_ptr, vs_c, vz_c, gi + 2, b0, b1, b2, b3, b4, b5, b6, b7, zb, DV, G, VGS, INTERP
         )
     a0, a1, a2, a3, a4, a5, a6, a7, za = _rescale_add(
         alpha, a0, a1, a2, a3, a4, a5, a6, a7, za, b0, b1, b2, b3, b4, b5, b6, b7, zb
@@ -675,7 +657,6 @@ def _packed_groups(
     MID: tl.constexpr,
     INTERP: tl.constexpr,
     PREFETCH: tl.constexpr,
-    STEP_GROUPS: tl.constexpr,
 ):
     """Online softmax over packed groups ``g0 .. g1 - 1`` (flat index ``base + grp``) of query rows
     ``qs`` (the 8 query fields, ``_load_query_field``; ``tiers`` as in ``_group_scores``): the running
@@ -692,31 +673,24 @@ def _packed_groups(
     a6 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
     a7 = tl.zeros([DV // 8, BLOCK_M], tl.float32)
     za = tl.zeros([16, BLOCK_M], tl.float32)
-    # STEP packed groups per step (two, or three with ``STEP_GROUPS``): one online-softmax rescale of the
-    # accumulators for 64 (96) tokens, and two (three) independent chains of tensor-core products for
-    # the scheduler to interleave. The groups the steps leave over (fewer than STEP) come after.
-    last_step = base + g1 - STEP_GROUPS
-    for grp in range(g0, g1 - (STEP_GROUPS - 1), STEP_GROUPS):
+    # Two packed groups per step: one online-softmax rescale of the accumulators for 64 tokens, and two
+    # independent chains of tensor-core products for the scheduler to interleave. Three groups per step
+    # were measured slower (H200, 2026-11-28, kivi2 8 x 32k bfloat16 with a mask: 0.0863 -> 0.0917 ms),
+    # so the walk takes two. A last group the steps leave over comes after.
+    last_step = base + g1 - 2
+    for grp in range(g0, g1 - 1, 2):
         gi = base + grp
         if PREFETCH > 0 and not INTERP:  # the pair PREFETCH steps ahead, to the L2
-            tl.static_assert(STEP_GROUPS == 2, "the L2 prefetch is written for steps of two groups")
             ahead = tl.maximum(tl.minimum(gi + 2 * PREFETCH, last_step), 0)
             _prefetch_pair(kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, tiers, ahead, D, DV, G, VGS, HIGH, MID)
             if HIGH + MID > 0:  # the next pair's channel order and 4-bit scales, to the L1
                 _prefetch_channels_l1(tiers, tl.maximum(tl.minimum(gi + 2, last_step), 0), HIGH, MID)
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _walk_step(
             qs, kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, base, grp, score_scale, row_ok, qpos, mask_ptr, mask_row,
-            smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, STEP_GROUPS, BLOCK_M, D, DV, G, S,
+            smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, 2, BLOCK_M, D, DV, G, S,
             VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, INTERP,
         )  # fmt: skip
-    if STEP_GROUPS == 3:  # noqa: SIM102 (a compile-time test around a run-time one)
-        if g1 > g0 and (g1 - g0) % 3 == 2:  # two groups left over: one step of two
-            m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _walk_step(
-                qs, kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, base, g1 - 2, score_scale, row_ok, qpos, mask_ptr,
-                mask_row, smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, 2, BLOCK_M, D, DV, G, S,
-                VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, INTERP,
-            )  # fmt: skip
-    if g1 > g0 and (g1 - g0) % STEP_GROUPS == 1:  # a last group alone (in the last split)
+    if g1 > g0 and (g1 - g0) % 2 == 1:  # a last group alone (in the last split)
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _walk_step(
             qs, kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, base, g1 - 1, score_scale, row_ok, qpos, mask_ptr, mask_row,
             smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, 1, BLOCK_M, D, DV, G, S,
@@ -823,7 +797,6 @@ def planar_split_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     MASKED_WALK: tl.constexpr,
-    STEP_GROUPS: tl.constexpr,
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
@@ -910,7 +883,6 @@ def planar_split_kernel(
         MID,
         INTERP,
         PREFETCH,
-        STEP_GROUPS,
     )
     if PDL:  # the walk is over: the combine may launch (it waits for this launch to end)
         gdc_launch_dependents()
