@@ -160,26 +160,33 @@ def after_first_token(records: list[tuple], marks: list[float]) -> list[tuple]:
     return [r for r in records if r[1] >= first]
 
 
+def generate_from_cache(model, ids, cache, new_tokens: int, processor) -> None:
+    """generate() of ``new_tokens`` greedy tokens after ``ids``, whose tokens but the last are already
+    in ``cache``, with the logits processor ``processor`` called at every token."""
+    from transformers import LogitsProcessorList
+
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([processor]),
+    )
+
+
 def profiled_generate(model, ids, cache, chunk: int, new_tokens: int):
     """The kernels (name, start us, end us) and host events (name, start us, self us, total us) of the
     forwards after the first of one generate() of ``new_tokens`` tokens (``after_first_token``; there
     are ``new_tokens - 1`` of them), after the prompt (all but its last token) was written to
     ``cache`` in ``chunk``-token forwards, unprofiled."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import LogitsProcessorList
 
     prefill_in_chunks(model, ids, cache, chunk)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([TokenMarker()]),
-        )
+        generate_from_cache(model, ids, cache, new_tokens, TokenMarker())
         torch.cuda.synchronize()
     events = prof.events()
     marks = [e.time_range.end for e in events if e.name == TOKEN_MARK]
@@ -198,21 +205,11 @@ def host_phase_generate(model, ids, cache, chunk: int, new_tokens: int) -> dict[
     ``new_tokens`` tokens, after the prompt was written to ``cache`` in ``chunk``-token forwards; and
     ``graph replay``: the device microseconds per step of the last step's compiled call made
     ``REPLAYS`` times back to back (``cache`` must hold ``REPLAYS`` + 1 tokens more)."""
-    from transformers import LogitsProcessorList
-
     clock = HostClock()
     prefill_in_chunks(model, ids, cache, chunk)
     torch.cuda.synchronize()
     with instrumented(model, clock):
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock.marker(torch.cuda.synchronize)]),
-        )
+        generate_from_cache(model, ids, cache, new_tokens, clock.marker(torch.cuda.synchronize))
     steps = step_phases(clock.events)
     phases = median_phases(steps[len(steps) // 2 :])
     if "launch" not in clock.last_arguments:
