@@ -382,15 +382,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 4:
         parser.error("--repeats must be at least 1 and --new-tokens at least 4 (a step is timed per token)")
-    points = [
-        (m, b, c)
-        for c in args.contexts.split(",")
-        for b in args.batches.split(",")
-        for m in args.methods.split(",")
-    ]
-    if args.child and len(points) != 1:
+    if args.child and len(points(args)) != 1:
         parser.error("--child runs one point: one method, one batch, one context")
     return args
+
+
+def points(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """The (method, batch, context) points of ``args``, in the order they run: per context, per batch,
+    every method."""
+    return [
+        (method, batch, context)
+        for context in args.contexts.split(",")
+        for batch in args.batches.split(",")
+        for method in args.methods.split(",")
+    ]
 
 
 def child_argv(args: argparse.Namespace, method: str, batch: str, context: str) -> list[str]:
@@ -457,20 +462,16 @@ def main() -> None:
         return
     results = []
     out_path = os.path.join(os.environ["OUT"], "e2e.jsonl") if os.environ.get("OUT") else None
-    for context in args.contexts.split(","):
-        for batch in args.batches.split(","):
-            for method in args.methods.split(","):
-                print(f"== {method}, batch {batch}, context {context}: a fresh process", flush=True)
-                try:
-                    point = run_child(child_argv(args, method, batch, context))
-                except RuntimeError as error:
-                    point = [
-                        {"method": method, "batch": int(batch), "context": int(context), "error": str(error)}
-                    ]
-                results += point
-                if out_path:
-                    with open(out_path, "a") as handle:
-                        handle.writelines(json.dumps(r) + "\n" for r in point)
+    for method, batch, context in points(args):
+        print(f"== {method}, batch {batch}, context {context}: a fresh process", flush=True)
+        try:
+            point = run_child(child_argv(args, method, batch, context))
+        except RuntimeError as error:
+            point = [{"method": method, "batch": int(batch), "context": int(context), "error": str(error)}]
+        results += point
+        if out_path:
+            with open(out_path, "a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in point)
     print(
         f"\n{'method':>7} {'B':>3} {'ctx':>6} {'step ms':>8} {'tok/s':>8} {'roofline':>8} {'frac':>5} "
         f"{'peak GiB':>8} {'KV GiB':>7} {'KV/fp16':>7} {'prefill s':>9} {'1st call s':>10}"

@@ -65,6 +65,12 @@ def test_e2e_child_command_line_carries_every_setting_for_one_point():
         ]
         + ["--prefill-chunk", "512", "--single-call", "--repeats", "2", "--sliding-window", "64"]
     )
+    assert e2e.points(args) == [
+        ("strong", "1", "8192"),
+        ("mixkvq", "1", "8192"),
+        ("strong", "8", "8192"),
+        ("mixkvq", "8", "8192"),
+    ]
     argv = e2e.child_argv(args, "mixkvq", "8", "8192")
     assert argv[:2] == [sys.executable, os.path.abspath(e2e.__file__)]
     child = e2e.parse_args(argv[2:])
