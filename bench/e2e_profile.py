@@ -237,10 +237,11 @@ def host_per_step(events: list[tuple[str, float, float, float]], steps: int, top
 def profile_method(
     model, method: str, batch: int, context: int, new_tokens: int, chunk: int, host: int = 0
 ) -> dict:
-    """Warm up ``method`` (two generate() calls), time its step unprofiled, then profile one generate()."""
+    """Warm up ``method`` (two generate() calls), time its step unprofiled, then profile one generate().
+    Leaves ``model`` set up for ``method`` (each method runs in its own process)."""
     from transformers import StaticCache
 
-    eager_forward = set_method(model, method)
+    set_method(model, method)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + REPLAYS + 1)
     for _ in range(2):
@@ -250,9 +251,6 @@ def profile_method(
     phases = host_phase_generate(model, ids, cache, chunk, new_tokens)
     kernels, events = profiled_generate(model, ids, cache, chunk, new_tokens)
     steps = new_tokens - 1
-    model.forward = eager_forward
-    del cache
-    torch.cuda.empty_cache()
     result = {"method": method, "batch": batch, "context": context, "layers": model.config.num_hidden_layers}
     result |= {"step_us": step * 1e6, "gpu_last": run_info["gpu_last"], "host_phases_us": phases}
     result["host"] = host_per_step(events, steps, host) if host else []
