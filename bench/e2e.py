@@ -292,9 +292,7 @@ def run(
 ) -> dict:
     import mixkvq_compile
 
-    model.__dict__.pop("_compiled_call", None)
-    mixkvq_compile.reset_counters()
-    eager_forward = set_method(model, method)
+    set_method(model, method)  # (each point runs in its own process: nothing to restore afterwards)
     # hf/strong: generate() itself compiles the decode step (Inductor, mode="reduce-overhead") when the
     # cache is static, and runs the prefill eagerly: what users run today.
     ids = torch.randint(0, 128256, (batch, context), device="cuda", generator=None)
@@ -349,9 +347,6 @@ def run(
         "single_call": single,
         "sliding_window": getattr(model.config, "sliding_window", None) or 0,
     }
-    del out, cache
-    model.forward = eager_forward
-    torch.cuda.empty_cache()
     return result
 
 
