@@ -898,14 +898,21 @@ def test_overlap_launches_policy(flag, expected, monkeypatch):
 
 @pytest.mark.parametrize(
     ("flag", "steps"),
-    [("", {"kivi2": 0, "mix": 1}), ("1", {"kivi2": 1, "mix": 1}), ("0", {"kivi2": 0, "mix": 0})],
+    [
+        ("", {"kivi2": 0, "mix": 1, "mixkvq": 0}),
+        ("1", {"kivi2": 1, "mix": 1, "mixkvq": 1}),
+        ("0", {"kivi2": 0, "mix": 0, "mixkvq": 0}),
+    ],
 )
 def test_prefetch_steps_setting(flag, steps, monkeypatch):
-    """``MIXKVQ_PREFETCH``: unset prefetches one step ahead for mixed key tiers only (for kivi2 it cost
-    the masked kernel 15% on an H200), 1 or 0 sets it for every store."""
+    """``MIXKVQ_PREFETCH``: unset prefetches one step ahead for mixed key tiers of more than 16 4-bit
+    channels only (the 10/20/70 mix: 26; MixKVQ's default tiers have 16 and spill with it), 1 or 0 sets
+    it for every store."""
     monkeypatch.setenv("MIXKVQ_PREFETCH", flag)
-    layouts = {name: StoreLayout.create(CONFIGS[name], 1, 2, 256, 128, 128, torch.float16) for name in steps}
-    assert layouts["mix"].planar_mixed and layouts["kivi2"].planar
+    configs = {**CONFIGS, "mixkvq": PRESETS["mixkvq"]}
+    layouts = {name: StoreLayout.create(configs[name], 1, 2, 256, 128, 128, torch.float16) for name in steps}
+    assert layouts["mix"].planar_mixed and layouts["mixkvq"].planar_mixed and layouts["kivi2"].planar
+    assert layouts["mix"].key_channels[1] == 26 and layouts["mixkvq"].key_channels[1] == 16
     assert {name: _runtime.prefetch_steps(lay) for name, lay in layouts.items()} == steps
 
 
@@ -997,30 +1004,51 @@ PLANAR_MIXED_CASES = [
 ]
 
 
+def _planar_mixed_store(fractions, dtype, heads=2, seed=17):
+    """A planar store of mixed key tiers (``fractions`` of 16-bit and 4-bit channels), batch 2, head_dim
+    128, 170 tokens written by the PyTorch path (4 packed groups, 2 sink tokens), the channels ranked on
+    a query of ``heads * 3`` query heads, which it returns ``[2, heads * 3, 1, 128]``. Keys have
+    channels of very different magnitudes, as real keys do."""
+    config = MixKVQConfig(
+        key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2, residual_length=32, sink_tokens=2
+    )
+    lay = dataclasses.replace(StoreLayout.create(config, 2, heads, 200, 128, 128, dtype), planar_tiers=True)
+    assert lay.planar_mixed
+    store = KVStore.open(lay, *allocate(lay, DEVICE))
+    gen = torch.Generator().manual_seed(seed)
+    k = (torch.randn(2, heads, 170, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype)
+    v = torch.randn(2, heads, 170, 128, generator=gen).to(dtype)
+    query = (torch.randn(2, heads * 3, 1, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype)
+    store.accumulate_queries(query.to(DEVICE))
+    store.append(k.to(DEVICE), v.to(DEVICE), 0)
+    assert store.packed_groups == 4
+    return store, query.to(DEVICE)
+
+
 @pytest.mark.parametrize(("fractions", "dtype"), PLANAR_MIXED_CASES)
 def test_planar_mixed_decode_matches_reference(fractions, dtype):
     """The planar kernel over mixed key tiers (planar words plus the 16-bit channels and the 4-bit codes'
     low bits, gathered query) against the float32 reference on the store's dequantized keys; a
     left-padding mask and 3 splits. The store is written by the PyTorch path."""
-    config = MixKVQConfig(
-        key_tier_fractions=fractions, key_bits=(16, 4, 2), value_bits=2, residual_length=32, sink_tokens=2
-    )
-    lay = dataclasses.replace(StoreLayout.create(config, 2, 2, 200, 128, 128, dtype), planar_tiers=True)
-    assert lay.planar_mixed
-    store = KVStore.open(lay, *allocate(lay, DEVICE))
-    gen = torch.Generator().manual_seed(17)
-    k = (torch.randn(2, 2, 170, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype).to(DEVICE)
-    v = torch.randn(2, 2, 170, 128, generator=gen).to(dtype).to(DEVICE)
-    query = (
-        (torch.randn(2, 6, 1, 128, generator=gen) * torch.rand(128, generator=gen) * 3).to(dtype).to(DEVICE)
-    )
-    store.accumulate_queries(query)
-    store.append(k, v, 0)
-    assert store.packed_groups == 4
+    store, query = _planar_mixed_store(fractions, dtype)
     mask = torch.ones(2, 1, 1, 200, dtype=torch.bool, device=DEVICE)
     mask[0, ..., :40] = False
     out, ref = _run(query, store, 170, mask=mask, num_splits=3)
     assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("block_m", [4, 16])
+def test_planar_mixed_decode_query_row_blocks(block_m):
+    """Mixed key tiers, 20 query rows (5 query heads over 1 KV head, 4 causal queries each) in blocks of
+    4 or 16 rows (every block its own rows of the tier-query scratch, a partial last block), with a mask
+    per head that drops packed tokens of one head (the second, masked walk gathers again)."""
+    store, _ = _planar_mixed_store((0.1, 0.2), torch.float16, heads=1, seed=29)
+    gen = torch.Generator().manual_seed(30)
+    query = (torch.randn(2, 5, 4, 128, generator=gen) * 2).half().to(DEVICE)
+    mask = torch.ones(2, 5, 4, 170, dtype=torch.bool, device=DEVICE)
+    mask[1, 3, :, 10:60] = False
+    out, ref = _run(query, store, 170, mask=mask, num_splits=2, block_m=block_m)
+    assert _rel(out, ref) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("fractions", [(1 / 32, 1 / 8), (1 / 16, 1 / 8), (0.1, 0.2)])

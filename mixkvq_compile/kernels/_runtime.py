@@ -67,29 +67,28 @@ def overlap_launches(layout, device: torch.device) -> bool:
 def prefetch_steps(layout) -> int:
     """How many steps of two packed groups ahead the planar decode kernel asks the L2 for their bytes
     (``planar_attention._prefetch_pair``) over a store of ``layout`` (a ``StoreLayout``): 1 for mixed key
-    tiers (``layout.planar_mixed``), 0 for the others; ``MIXKVQ_PREFETCH=1`` or ``0`` sets it for every
-    store (A/B runs).
+    tiers whose 4-bit tier takes more than one product (``layout.planar_mixed`` with more than 16 4-bit
+    channels), 0 for the others; ``MIXKVQ_PREFETCH=1`` or ``0`` sets it for every store (A/B runs).
 
-    Measured on an H200 (2026-11-27, ``bench/decode_ab.py``): one step ahead made MixKVQ's default
-    tiers 1.12-1.17x faster without a mask (float16, 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 ->
-    0.0810, 120 x 32k 2.346 -> 2.008) and 1.05x with the all-true mask a model's decode step passes
-    (bfloat16, 64 x 32k, 1.367 -> 1.306 ms); two steps ahead gained less. For kivi2 it gained 1-3%
-    without a mask and cost 15% with one (64 x 32k, 0.684 -> 0.789 ms: in the kernel that reads masks,
-    the loop the mask keeps whole spills ten registers with it, Triton 3.6), and 9-10% of the whole
-    step end to end (``bench/e2e.py``, kivi2 at 64 and 112 rows x 32k). With a mask now walked in two
-    launches (``decode_attention``) kivi2 was still 2% slower with it (64 x 32k, 0.677 -> 0.692 ms,
-    session 18), and 3-4% on the kernel of session 19 (bfloat16, all-true mask, 8 x 32k 0.0916 ->
-    0.0946 ms, 112 x 32k 1.0679 -> 1.1092, session 20). Measured again on session 21's kernel (H200,
-    2026-11-28, session 22), the mixed tiers still gain with it, though offline it costs them 50
-    instructions and 12 spill loads per step: MixKVQ's default tiers 8 x 32k 0.1512 -> 0.1429 ms,
-    112 x 32k 1.7943 -> 1.6265, 1 x 128k 0.0827 -> 0.0739 (bfloat16, all-true mask); 13 / 26 / 89
-    channels 0.1946 -> 0.1866 ms at 8 x 32k; 1-4% without a mask (float16)."""
+    What decides it is whether the loop spills without it (Triton 3.6, sm_90, 255 registers; counted by
+    ``bench/sass.py``): with the query gathered before the walk (``_gather_tier_queries``, session 23)
+    MixKVQ's default tiers (4 / 16 / 108 channels) spill 12 registers per step with it and none without
+    it, 13 / 26 / 89 channels 9 with it and 21-25 without. H200, bfloat16, all-true mask, 2026-11-28,
+    on against off: MixKVQ's default 8 x 32k 0.1420 / 0.1354 ms, 1 x 128k 0.0741 / 0.0708; 13 / 26 / 89
+    0.1626 / 0.1743 and 0.0995 / 0.1029 (session 23 in ``docs/performance.md``).
+
+    Earlier (H200, ``bench/decode_ab.py``): one step ahead made MixKVQ's default tiers 1.12-1.17x faster
+    when the walk still gathered the query itself (2026-11-27, float16, 8 x 32k 0.1758 -> 0.1568 ms:
+    the gathers and copies waited on their bytes). For kivi2 it gained 1-3% without a mask and cost 15%
+    with one (64 x 32k, 0.684 -> 0.789 ms: the loop spilled ten registers with it), 9-10% of the whole
+    step end to end (``bench/e2e.py``, 64 and 112 rows x 32k), and 3-4% on the kernel of session 19
+    (bfloat16, all-true mask, 8 x 32k 0.0916 -> 0.0946 ms, session 20)."""
     flag = os.environ.get("MIXKVQ_PREFETCH", "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"MIXKVQ_PREFETCH must be 0, 1 or unset, got {flag!r}")
     if flag:
         return int(flag)
-    return 1 if layout.planar_mixed else 0
+    return 1 if layout.planar_mixed and layout.key_channels[1] > 16 else 0
 
 
 def check_kernel_device(device: torch.device, caller: str) -> None:

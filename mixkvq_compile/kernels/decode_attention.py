@@ -52,7 +52,7 @@ from ._runtime import (
     triton,
     unpack_codes,
 )
-from .planar_attention import planar_split_kernel
+from .planar_attention import planar_split_kernel, tier_query_widths
 
 __all__ = ["combine_partials", "decode_attention", "split_count"]
 
@@ -940,6 +940,15 @@ def decode_attention(
     if num_splits and lay.planar_words:
         codes, qparams = tiers[lay.planar_key_tier][:2]
         high, mid = lay.key_channels[:2] if lay.planar_mixed else (0, 0)
+        hp, mp = tier_query_widths(high, mid)
+        # Mixed tiers: the query gathered at every group's tier channels, written by each program before
+        # its walk (``planar_attention._gather_tier_queries``): (HP + MP) * 2 bytes per query row and
+        # group, 0.25 MiB per 1024 groups of 4 query rows at MixKVQ's default tiers.
+        tier_q = (
+            torch.empty((bh * lay.num_groups, q_blocks * block_m, hp + mp), dtype=torch.int16, device=device)
+            if hp + mp
+            else part_ml
+        )
         # With a mask, two launches: every range walked without reading the mask, then the ranges the
         # mask does not keep whole (none in a decode step over a static cache) walked with it, their
         # partials written over the first launch's. One kernel with both loops spilled more in the first
@@ -959,11 +968,15 @@ def decode_attention(
                 tiers[0][0],
                 tiers[1][0],
                 tiers[1][1],
+                tier_q,
                 *common,
                 **common_meta,
                 VGS=lay.value_group_size,
                 HIGH=high,
                 MID=mid,
+                HP=hp,
+                MP=mp,
+                ROWS=q_blocks * block_m,
                 INTERP=interpreting(),
                 MASKED_WALK=masked_walk,
                 num_warps=num_warps or max(1, block_m // 16),

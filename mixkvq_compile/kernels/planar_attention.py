@@ -7,7 +7,9 @@ whose full-precision launch and combine kernel finish the attention.
 Stores of mixed key tiers (``StoreLayout.planar_mixed``) keep a 2-bit field for every channel in the
 same words (0 for the 16-bit channels, the high 2 bits of the 4-bit codes), so the loop below is the
 same; ``_group_scores`` adds, per group, the query gathered at the 16-bit channels times those channels
-and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits.
+and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits. Each program
+gathers these query tiles for all of its groups before its walk, into a scratch the walk reads as
+contiguous tiles (``_gather_tier_queries``).
 
 Why the planar layout is fast: each int16 word holds 8 two-bit codes, one per bit field ``f``, and
 field ``f`` of a row of words is a run of ``D / 8`` consecutive channels (keys) or ``Dv / 8`` channels
@@ -63,7 +65,8 @@ loads, 13 / 26 / 89 channels 2089 -> 1916 with 57 -> 27. Measured (H100, bfloat1
 ``bench/decode_ab.py``, session 19 in ``docs/performance.md``): kivi2 3-5% faster, MixKVQ's default
 tiers 16-19%, 13 / 26 / 89 12-14%.
 
-For stores of mixed key tiers (``PREFETCH``, ``_runtime.prefetch_steps``), each step of two groups first
+For stores of mixed key tiers with more than 16 4-bit channels (``PREFETCH``, ``_runtime.prefetch_steps``,
+which says when it pays: when the loop spills less with it), each step of two groups first
 asks the L2 for the next step's bytes (``_prefetch_pair``: one ``prefetch.global.L2`` per 128-byte line,
 4 to 8 per thread). The pipelined copies of a step are issued late in the step before it, and with the
 two stages that mixed tiers afford (255 registers) the step's first barrier waited for them (Nsight
@@ -72,9 +75,8 @@ scoreboard 27.7% of all against 2.7% for kivi2's three stages); the gathers of t
 channels waited on the channel order the same way. With the prefetch the copies and gathers find their
 bytes in the L2: 8 x 32k 0.1758 -> 0.1568 ms, 1 x 128k 0.0948 -> 0.0810 ms (``bench/decode_ab.py``,
 session 16 in ``docs/performance.md``). kivi2 gained 1-3%, but in the kernel that reads a mask its loop
-then spilled and was 15% slower (session 17). The next step's channel order and 4-bit scales also go to
-the L1 (``prefetch.global.L1``): 13 / 26 / 89 channels 1-1.5% faster, the default tiers unchanged
-(bfloat16, with a mask, 8 and 64 x 32k, session 18).
+then spilled and was 15% slower (session 17). Since the walk no longer gathers (session 23), the
+default tiers are faster without it.
 
 Operands are float16 whatever the query dtype (except the 16-bit key tier's product over a bfloat16
 store, whose channels and gathered query enter as bfloat16, as stored: converting them cost MixKVQ's
@@ -99,7 +101,7 @@ from __future__ import annotations
 
 from ._runtime import gdc_launch_dependents, gdc_wait, packed_groups_before, scores_mask, tl, triton
 
-__all__ = ["planar_split_kernel"]
+__all__ = ["planar_split_kernel", "tier_query_widths"]
 
 QSCALE = 1.0 / 16.0
 
@@ -227,6 +229,9 @@ def _group_scores(
     G: tl.constexpr,
     HIGH: tl.constexpr,
     MID: tl.constexpr,
+    HP: tl.constexpr,
+    MP: tl.constexpr,
+    ROWS: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Base-2 scores ``[BLOCK_M, G]`` of group ``gi`` (flat index over batch * heads * groups): ``q . k_hat``
@@ -234,10 +239,13 @@ def _group_scores(
     ``kscale``, ``kzero``: the group's key scales and zero points ``[D / 8, 8]`` (column f: the channels
     of field f), loaded by the caller. ``qs``: the query fields ``(q0, .., q7)`` (``_load_query_field``).
     Stores of mixed key tiers add their ``HIGH`` 16-bit channels and the low bits of their ``MID`` 4-bit
-    codes (``_high_tier_scores``, ``_low_bits_scores``), from ``tiers``: ``(q_ptr, q_off, row_ok, sqd,
-    order_ptr, hi_ptr, lo_ptr, s4_ptr)`` (as ``planar_split_kernel``'s)."""
+    codes (``_high_tier_scores``, ``_low_bits_scores``), from ``tiers``: ``(tq_ptr, tq_rows, hi_ptr,
+    lo_ptr)``, the tier-query scratch (``_gather_tier_queries``, ``ROWS`` rows of ``HP + MP`` per group),
+    the offsets ``[BLOCK_M]`` of this program's rows in a group's block of it, and the store's 16-bit
+    channels and low bits."""
     q0, q1, q2, q3, q4, q5, q6, q7 = qs
-    q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr = tiers
+    tq_ptr, tq_rows, hi_ptr, lo_ptr = tiers
+    tq_grp = tq_ptr + gi * (ROWS * (HP + MP))  # the group's block of the tier-query scratch
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
@@ -245,7 +253,7 @@ def _group_scores(
     ks0, ks1, ks2, ks3, ks4, ks5, ks6, ks7 = _split8(kscale)
     kz0, kz1, kz2, kz3, kz4, kz5, kz6, kz7 = _split8(kzero)
     if MID > 0:
-        s = _low_bits_scores(q_ptr, q_off, row_ok, sqd, order_ptr, lo_ptr, s4_ptr, gi, BLOCK_M, G, HIGH, MID)
+        s = _low_bits_scores(tq_grp, tq_rows, lo_ptr, gi, BLOCK_M, G, MID, HP, MP)
     else:
         s = tl.zeros([BLOCK_M, G], tl.float32)
     sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
@@ -259,9 +267,7 @@ def _group_scores(
         sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, 16)), sz)
     s = s * (16777216.0 * score_scale) + (tl.max(sz, 1) * score_scale)[:, None]  # one FFMA each
     if HIGH > 0:
-        s += score_scale * _high_tier_scores(
-            q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, gi, BLOCK_M, G, HIGH, MID, INTERP
-        )
+        s += score_scale * _high_tier_scores(tq_grp, tq_rows, hi_ptr, gi, G, HIGH, HP, INTERP)
     return s
 
 
@@ -421,38 +427,145 @@ def _store_field(
     tl.store(part_acc_ptr + part[None, :] * DV + F_ * FW + c[:, None], a, mask=row_ok[None, :])
 
 
+def tier_query_widths(high: int, mid: int) -> tuple[int, int]:
+    """Columns ``(HP, MP)`` of a row of the tier-query scratch (``_gather_tier_queries``) for ``high``
+    16-bit and ``mid`` 4-bit key channels: the 16-bit channels padded to a power of two of at least 16
+    (one tensor-core K step; 0 without them), the 4-bit ones to a multiple of 16 (one product each)."""
+    hp = max(16, triton.next_power_of_2(high)) if high else 0
+    return hp, 16 * triton.cdiv(mid, 16)
+
+
 @triton.jit
-def _high_tier_scores(
+def _gather_tier(
+    q_ptr,
+    q_off,
+    sqd,
+    order_ptr,
+    s4_ptr,
+    dst_ptr,
+    gi,
+    g_ok,
+    live,
+    row_at,
+    FIRST: tl.constexpr,
+    COUNT: tl.constexpr,
+    PADDED: tl.constexpr,
+    COL0: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """One tier of ``_gather_tier_queries`` for groups ``gi [PG]``: the query at channels ``order[FIRST ..
+    FIRST + COUNT)`` of each group times QSCALE (and ``s4`` where ``SCALED``), written at columns ``COL0 ..
+    COL0 + PADDED`` of the rows ``row_at [PG, BLOCK_M]`` (offsets in elements; rows not ``live`` and the
+    columns past ``COUNT`` get 0)."""
+    WIDTH: tl.constexpr = triton.next_power_of_2(PADDED)
+    c = tl.arange(0, WIDTH)
+    ok = c < COUNT
+    at = g_ok[:, None] & ok[None, :]
+    channel = tl.load(order_ptr + gi[:, None] * (HIGH + MID) + FIRST + c[None, :], mask=at, other=0)
+    q = tl.load(
+        q_ptr + q_off[None, :, None] + channel.to(tl.int64)[:, None, :] * sqd,
+        mask=live[:, :, None] & ok[None, None, :],
+        other=0.0,
+    )
+    q = q.to(tl.float32) * 0.0625  # QSCALE
+    if SCALED:
+        s4 = tl.load(s4_ptr + gi[:, None] * MID + c[None, :], mask=at, other=0.0)
+        q = q * s4.to(tl.float32)[:, None, :]
+    tl.store(
+        dst_ptr + row_at[:, :, None] + COL0 + c[None, None, :],
+        q.to(dst_ptr.dtype.element_ty),
+        mask=g_ok[:, None, None] & (c < PADDED)[None, None, :],
+    )
+
+
+@triton.jit
+def _gather_tier_queries(
     q_ptr,
     q_off,
     row_ok,
     sqd,
     order_ptr,
+    s4_ptr,
+    tq_ptr,
     hi_ptr,
-    gi,
+    rows,
+    base,
+    g0,
+    g1,
     BLOCK_M: tl.constexpr,
-    G: tl.constexpr,
+    ROWS: tl.constexpr,
     HIGH: tl.constexpr,
     MID: tl.constexpr,
+    HP: tl.constexpr,
+    MP: tl.constexpr,
+):
+    """Mixed-tier stores: the query rows gathered at the tier channels of packed groups ``g0 .. g1 - 1``
+    (flat index ``base + grp``), written to the scratch ``tq_ptr`` (int16 words, ``[groups, ROWS, HP +
+    MP]``, this program's rows ``rows [BLOCK_M]``) for ``_high_tier_scores`` and ``_low_bits_scores``:
+    columns ``0 .. HP`` the query at the 16-bit channels times QSCALE in the store's dtype (the 16-bit
+    tier's operand type), columns ``HP .. HP + MP`` the query at the 4-bit channels times QSCALE times
+    ``s4`` in float16 (``tier_query_widths``); padding columns and invalid rows 0.
+
+    Why before the walk: gathered inside it, group by group, the query tile reached the tensor-core
+    operand through shared memory with barriers of its own (Triton's layout passes; Triton 3.6, sm_90,
+    bfloat16, MixKVQ's default tiers: 1460 instructions and 18 barriers per step of two groups against
+    kivi2's 982 and 4, session 22 in ``docs/performance.md``). From the scratch, the walk reads
+    contiguous tiles that go through its pipelined copies with the codes: 1324 instructions and 8
+    barriers per step (13 / 26 / 89 channels: 1784 -> 1517). Here ``PG`` groups per iteration (32 query
+    rows): loads, a multiply and a store per element, no product, no layout change. H200, 2026-11-28,
+    8 x 32k, against the walk's own gathers: 13 / 26 / 89 channels 0.1845 -> 0.1628 ms (bfloat16,
+    all-true mask) and 0.1802 -> 0.1531 (float16); MixKVQ's default tiers 0.1369 -> 0.1268 (float16),
+    and in bfloat16 with the mask 0.1416 -> 0.1354 once the L2 prefetch is left out for them
+    (``_runtime.prefetch_steps``; two machines, cuDNN 0.2558 and 0.2559 ms on them; session 23 in
+    ``docs/performance.md``)."""
+    PG: tl.constexpr = max(1, 32 // BLOCK_M)
+    TQ: tl.constexpr = HP + MP
+    pg = tl.arange(0, PG)
+    for start in range(g0, g1, PG):
+        grp = start + pg
+        g_ok = grp < g1
+        gi = base + grp
+        live = g_ok[:, None] & row_ok[None, :]
+        row_at = (gi[:, None] * ROWS + rows[None, :]) * TQ  # [PG, BLOCK_M]
+        if HIGH > 0:
+            hi_dst = tq_ptr.to(tl.pointer_type(hi_ptr.dtype.element_ty))
+            _gather_tier(
+                q_ptr, q_off, sqd, order_ptr, s4_ptr, hi_dst, gi, g_ok, live, row_at,
+                0, HIGH, HP, 0, HIGH, MID, False,
+            )  # fmt: skip
+        if MID > 0:
+            mid_dst = tq_ptr.to(tl.pointer_type(tl.float16))
+            _gather_tier(
+                q_ptr, q_off, sqd, order_ptr, s4_ptr, mid_dst, gi, g_ok, live, row_at,
+                HIGH, MID, MP, HP, HIGH, MID, True,
+            )  # fmt: skip
+
+
+@triton.jit
+def _high_tier_scores(
+    tq_grp,
+    tq_rows,
+    hi_ptr,
+    gi,
+    G: tl.constexpr,
+    HIGH: tl.constexpr,
+    HP: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Mixed-tier stores (``StoreLayout.planar_mixed``): the scores of group ``gi`` over its 16-bit
     channels (the planar words hold 0 there), ``[BLOCK_M, G]`` float32 times QSCALE: one tensor-core
-    product of the query gathered at those channels and their values."""
+    product of the query gathered at those channels (``_gather_tier_queries``; the group's block at
+    ``tq_grp``, this program's rows at offsets ``tq_rows [BLOCK_M]``) and their values, both in the store's
+    dtype."""
     t = tl.arange(0, G)
-    HP: tl.constexpr = max(16, triton.next_power_of_2(HIGH))
     j = tl.arange(0, HP)
-    ok = j < HIGH
-    channel = tl.load(order_ptr + gi * (HIGH + MID) + j, mask=ok, other=0).to(tl.int32)
-    q = tl.load(
-        q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
-    )
-    k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=ok[:, None], other=0.0)
+    q = tl.load(tq_grp.to(tl.pointer_type(hi_ptr.dtype.element_ty)) + tq_rows[:, None] + j[None, :])
+    k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=(j < HIGH)[:, None], other=0.0)
     if INTERP:  # (the interpreter does no bfloat16 arithmetic)
-        return tl.dot(q.to(tl.float32) * 0.0625, k.to(tl.float32))  # QSCALE
-    if hi_ptr.dtype.element_ty == tl.bfloat16:  # the stored channels as they are: no conversion
-        return tl.dot((q.to(tl.float32) * 0.0625).to(tl.bfloat16), k)  # QSCALE
-    return tl.dot((q.to(tl.float32) * 0.0625).to(tl.float16), k.to(tl.float16))
+        return tl.dot(q.to(tl.float32), k.to(tl.float32))
+    return tl.dot(q, k)
 
 
 @triton.jit
@@ -486,34 +599,26 @@ def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr):
 
 @triton.jit
 def _low_bits_scores(
-    q_ptr,
-    q_off,
-    row_ok,
-    sqd,
-    order_ptr,
+    tq_grp,
+    tq_rows,
     lo_ptr,
-    s4_ptr,
     gi,
     BLOCK_M: tl.constexpr,
     G: tl.constexpr,
-    HIGH: tl.constexpr,
     MID: tl.constexpr,
+    HP: tl.constexpr,
+    MP: tl.constexpr,
 ):
-    """Mixed-tier stores: the query gathered at the group's 4-bit channels times ``s4`` times the low 2
-    bits of their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in the units of
+    """Mixed-tier stores: the query gathered at the group's 4-bit channels times ``s4``
+    (``_gather_tier_queries``, as in ``_high_tier_scores``, columns ``HP ..``) times the low 2 bits of
+    their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in the units of
     ``_group_scores``' products (the codes enter as float16 subnormals, ``code * 2**-24``), so that it
     starts that accumulator. One product per 16 of the channels (``_low_bits``)."""
     s = tl.zeros([BLOCK_M, G], tl.float32)
-    for c in tl.static_range(triton.cdiv(MID, 16)):
+    for c in tl.static_range(MP // 16):
         j = c * 16 + tl.arange(0, 16)
-        ok = j < MID
-        channel = tl.load(order_ptr + gi * (HIGH + MID) + HIGH + j, mask=ok, other=0).to(tl.int32)
-        s4 = tl.load(s4_ptr + gi * MID + j, mask=ok, other=0.0).to(tl.float32)
-        q = tl.load(
-            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
-        )
-        q = (q.to(tl.float32) * (0.0625 * s4)[None, :]).to(tl.float16)  # QSCALE
-        low = _low_bits(lo_ptr, gi, j, ok, G, MID)
+        q = tl.load(tq_grp.to(tl.pointer_type(tl.float16)) + tq_rows[:, None] + HP + j[None, :])
+        low = _low_bits(lo_ptr, gi, j, j < MID, G, MID)
         s = tl.dot(q, low.to(tl.float16, bitcast=True), s)
     return s
 
@@ -552,30 +657,17 @@ def _prefetch_pair(
 ):
     """Prefetch into the L2 every byte of packed groups ``first`` and ``first + 1`` (flat index) that
     ``_packed_groups`` reads: codes, scales and zero points, and for mixed tiers the channel order,
-    the 16-bit values and the 4-bit tier's low bits and scales (``tiers`` as in ``_group_scores``)."""
-    _q_ptr, _q_off, _row_ok, _sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr = tiers
+    the 16-bit values and the 4-bit tier's low bits (``tiers`` as in ``_group_scores``; the tier-query
+    scratch was just written and is in the L2)."""
+    _tq_ptr, _tq_rows, hi_ptr, lo_ptr = tiers
     _prefetch_lines(kc_ptr, first, G * D // 4)
     _prefetch_lines(kqp_ptr, first, 4 * D)
     _prefetch_lines(vc_ptr, first, G * DV // 4)
     _prefetch_lines(vqp_ptr, first, 4 * (DV // VGS) * G)
-    if HIGH + MID > 0:
-        _prefetch_lines(order_ptr, first, HIGH + MID)
     if HIGH > 0:
         _prefetch_lines(hi_ptr, first, HIGH * G * 2)  # float16 or bfloat16
     if MID > 0:
         _prefetch_lines(lo_ptr, first, MID * G // 4)
-        _prefetch_lines(s4_ptr, first, 2 * MID)
-
-
-@triton.jit
-def _prefetch_channels_l1(tiers, first, HIGH: tl.constexpr, MID: tl.constexpr):
-    """Prefetch into the L1 the channel order and 4-bit scales of packed groups ``first`` and
-    ``first + 1`` (``tiers`` as in ``_group_scores``): the gathers of the query at the tier channels
-    wait on these loads. Mixed tiers only."""
-    _q_ptr, _q_off, _row_ok, _sqd, order_ptr, _hi_ptr, _lo_ptr, s4_ptr = tiers
-    _prefetch_lines(order_ptr, first, HIGH + MID, True)
-    if MID > 0:
-        _prefetch_lines(s4_ptr, first, 2 * MID, True)
 
 
 @triton.jit
@@ -584,7 +676,8 @@ def _walk_step(
     tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za,
     N: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
     S: tl.constexpr, VGS: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_PACKED: tl.constexpr,
-    HIGH: tl.constexpr, MID: tl.constexpr, INTERP: tl.constexpr,
+    HIGH: tl.constexpr, MID: tl.constexpr, HP: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
     """One step of the online softmax over ``N`` (1 or 2) consecutive packed groups from ``grp`` (flat
     index ``base + grp``): the running state ``(m_i, l_i, a0 .. a7, za)`` of ``_packed_groups`` updated
@@ -595,10 +688,12 @@ def _walk_step(
     if N >= 2:
         ks_b, kz_b, vs_b, vz_b = _group_qparams(kqp_ptr, vqp_ptr, gi + 1, D, DV, G, VGS)
     # (in the order of the loop of two groups before the step was a function: the same code for two)
-    s_a = _group_scores(qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP)
+    s_a = _group_scores(
+        qs, kc_ptr, ks_a, kz_a, gi, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, HP, MP, ROWS, INTERP
+    )
     if N >= 2:
         s_b = _group_scores(
-            qs, kc_ptr, ks_b, kz_b, gi + 1, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, INTERP
+            qs, kc_ptr, ks_b, kz_b, gi + 1, score_scale, tiers, BLOCK_M, D, G, HIGH, MID, HP, MP, ROWS, INTERP
         )
     s_a = _masked(s_a, S + grp * G + tok, row_ok, qpos, mask_ptr, mask_row, smk, MASK_KIND, CAUSAL_PACKED)
     m_top = tl.max(s_a, 1)
@@ -655,6 +750,9 @@ def _packed_groups(
     CAUSAL_PACKED: tl.constexpr,
     HIGH: tl.constexpr,
     MID: tl.constexpr,
+    HP: tl.constexpr,
+    MP: tl.constexpr,
+    ROWS: tl.constexpr,
     INTERP: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
@@ -683,18 +781,16 @@ def _packed_groups(
         if PREFETCH > 0 and not INTERP:  # the pair PREFETCH steps ahead, to the L2
             ahead = tl.maximum(tl.minimum(gi + 2 * PREFETCH, last_step), 0)
             _prefetch_pair(kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, tiers, ahead, D, DV, G, VGS, HIGH, MID)
-            if HIGH + MID > 0:  # the next pair's channel order and 4-bit scales, to the L1
-                _prefetch_channels_l1(tiers, tl.maximum(tl.minimum(gi + 2, last_step), 0), HIGH, MID)
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _walk_step(
             qs, kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, base, grp, score_scale, row_ok, qpos, mask_ptr, mask_row,
             smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, 2, BLOCK_M, D, DV, G, S,
-            VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, INTERP,
+            VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, HP, MP, ROWS, INTERP,
         )  # fmt: skip
     if g1 > g0 and (g1 - g0) % 2 == 1:  # a last group alone (in the last split)
         m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _walk_step(
             qs, kc_ptr, kqp_ptr, vc_ptr, vqp_ptr, base, g1 - 1, score_scale, row_ok, qpos, mask_ptr, mask_row,
             smk, tiers, m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za, 1, BLOCK_M, D, DV, G, S,
-            VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, INTERP,
+            VGS, MASK_KIND, CAUSAL_PACKED, HIGH, MID, HP, MP, ROWS, INTERP,
         )  # fmt: skip
     return m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za
 
@@ -762,6 +858,7 @@ def planar_split_kernel(
     hi_ptr,
     lo_ptr,
     s4_ptr,
+    tq_ptr,
     mask_ptr,
     smb,
     smh,
@@ -793,6 +890,9 @@ def planar_split_kernel(
     LENGTH_FROM_PTR: tl.constexpr,
     HIGH: tl.constexpr,
     MID: tl.constexpr,
+    HP: tl.constexpr,
+    MP: tl.constexpr,
+    ROWS: tl.constexpr,
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -800,7 +900,9 @@ def planar_split_kernel(
 ):
     """Program ``(bh, sp, qb)``: packed groups ``[sp * gps, min((sp + 1) * gps, packed))`` of KV head
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
-    ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e)."""
+    ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e).
+    Mixed tiers: ``tq_ptr`` the tier-query scratch, int16 ``[B * H * NG, ROWS, HP + MP]``
+    (``_gather_tier_queries``; ``ROWS`` the query rows of all query blocks)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -829,7 +931,7 @@ def planar_split_kernel(
     q6 = _load_query_field(q_ptr, q_off, row_ok, sqd, 6, FW)
     q7 = _load_query_field(q_ptr, q_off, row_ok, sqd, 7, FW)
     qs = (q0, q1, q2, q3, q4, q5, q6, q7)
-    tiers = (q_ptr, q_off, row_ok, sqd, order_ptr, hi_ptr, lo_ptr, s4_ptr)
+    tiers = (tq_ptr, rows * (HP + MP), hi_ptr, lo_ptr)
     g0 = sp * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, packed)
     base = bh.to(tl.int64) * NG
@@ -855,6 +957,12 @@ def planar_split_kernel(
         )
         g1_walk = tl.where(keeps, g0, g1)
         walked = tl.where(keeps, False, row_ok)  # (row_ok & ~keeps fails in the interpreter, Triton 3.9)
+    if HIGH + MID > 0:
+        _gather_tier_queries(
+            q_ptr, q_off, row_ok, sqd, order_ptr, s4_ptr, tq_ptr, hi_ptr, rows, base, g0, g1_walk,
+            BLOCK_M, ROWS, HIGH, MID, HP, MP,
+        )  # fmt: skip
+        tl.debug_barrier()  # every thread's scratch rows written before the walk's copies read them
     m_i, l_i, a0, a1, a2, a3, a4, a5, a6, a7, za = _packed_groups(
         qs,
         kc_ptr,
@@ -881,6 +989,9 @@ def planar_split_kernel(
         CAUSAL_PACKED,
         HIGH,
         MID,
+        HP,
+        MP,
+        ROWS,
         INTERP,
         PREFETCH,
     )
