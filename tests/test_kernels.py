@@ -1037,17 +1037,19 @@ def test_planar_mixed_decode_matches_reference(fractions, dtype):
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("gather_first", [None, True])
 @pytest.mark.parametrize("block_m", [4, 16])
-def test_planar_mixed_decode_query_row_blocks(block_m):
+def test_planar_mixed_decode_query_row_blocks(block_m, gather_first):
     """Mixed key tiers, 20 query rows (5 query heads over 1 KV head, 4 causal queries each) in blocks of
-    4 or 16 rows (every block its own rows of the tier-query scratch, a partial last block), with a mask
-    per head that drops packed tokens of one head (the second, masked walk gathers again)."""
+    4 or 16 rows, a partial last block, with a mask per head that drops packed tokens of one head (the
+    second, masked walk runs): the walk gathering the tier queries itself (the default for more than 8
+    rows) and every program gathering them first (each block its own rows of the scratch)."""
     store, _ = _planar_mixed_store((0.1, 0.2), torch.float16, heads=1, seed=29)
     gen = torch.Generator().manual_seed(30)
     query = (torch.randn(2, 5, 4, 128, generator=gen) * 2).half().to(DEVICE)
     mask = torch.ones(2, 5, 4, 170, dtype=torch.bool, device=DEVICE)
     mask[1, 3, :, 10:60] = False
-    out, ref = _run(query, store, 170, mask=mask, num_splits=2, block_m=block_m)
+    out, ref = _run(query, store, 170, mask=mask, num_splits=2, block_m=block_m, gather_first=gather_first)
     assert _rel(out, ref) < TOL[torch.float16]
 
 

@@ -711,6 +711,7 @@ def decode_attention(
     fp_stages: int | None = None,
     gather: bool = False,
     packed: int | None = None,
+    gather_first: bool | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over the first ``length`` stored tokens (plus optional new tokens).
 
@@ -738,6 +739,13 @@ def decode_attention(
         packed: the store's packed-group count when ``length`` is an int and the caller knows it
             (default: read from the store's header, a device sync on CUDA); with a tensor length the
             kernel reads it from the header.
+        gather_first: planar stores of mixed key tiers: each program gathers the query at its groups'
+            16- and 4-bit channels before its walk, into a scratch of ``(HP + MP) * 2`` bytes per query
+            row and packed group (``planar_attention._gather_tier_queries``; faster), instead of per
+            group inside the walk. Default: when the query rows per KV head are at most 8 (one decode
+            query at up to 8 query heads per KV head). The scratch is freed after the call; at 8 rows
+            it takes 512 bytes per group and KV head at MixKVQ's default tiers (the store: 3.5 KB),
+            768 at 13 / 26 / 89 channels (4.2 KB).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in ``query.dtype``; equals ``reference.attention(query, *store.read(length)
@@ -944,9 +952,11 @@ def decode_attention(
         # Mixed tiers: the query gathered at every group's tier channels, written by each program before
         # its walk (``planar_attention._gather_tier_queries``): (HP + MP) * 2 bytes per query row and
         # group, 0.25 MiB per 1024 groups of 4 query rows at MixKVQ's default tiers.
+        first = (rows <= 8 if gather_first is None else gather_first) and hp + mp > 0
+        tq_rows = q_blocks * block_m if first else 0
         tier_q = (
-            torch.empty((bh * lay.num_groups, q_blocks * block_m, hp + mp), dtype=torch.int16, device=device)
-            if hp + mp
+            torch.empty((bh * lay.num_groups, tq_rows, hp + mp), dtype=torch.int16, device=device)
+            if first
             else part_ml
         )
         # With a mask, two launches: every range walked without reading the mask, then the ranges the
@@ -976,7 +986,7 @@ def decode_attention(
                 MID=mid,
                 HP=hp,
                 MP=mp,
-                ROWS=q_blocks * block_m,
+                ROWS=tq_rows,
                 INTERP=interpreting(),
                 MASKED_WALK=masked_walk,
                 num_warps=num_warps or max(1, block_m // 16),

@@ -239,13 +239,13 @@ def _group_scores(
     ``kscale``, ``kzero``: the group's key scales and zero points ``[D / 8, 8]`` (column f: the channels
     of field f), loaded by the caller. ``qs``: the query fields ``(q0, .., q7)`` (``_load_query_field``).
     Stores of mixed key tiers add their ``HIGH`` 16-bit channels and the low bits of their ``MID`` 4-bit
-    codes (``_high_tier_scores``, ``_low_bits_scores``), from ``tiers``: ``(tq_ptr, tq_rows, hi_ptr,
-    lo_ptr)``, the tier-query scratch (``_gather_tier_queries``, ``ROWS`` rows of ``HP + MP`` per group),
-    the offsets ``[BLOCK_M]`` of this program's rows in a group's block of it, and the store's 16-bit
-    channels and low bits."""
+    codes (``_high_tier_scores``, ``_low_bits_scores``), from ``tiers`` (``planar_split_kernel``'s:
+    ``(q_ptr, q_off, row_ok, sqd, order_ptr, s4_ptr, tq_ptr, tq_rows, hi_ptr, lo_ptr)``), the query
+    at their channels read from the tier-query scratch (``ROWS > 0``: ``_gather_tier_queries``, ``ROWS``
+    rows of ``HP + MP`` per group, this program's at offsets ``tq_rows [BLOCK_M]``) or gathered here."""
     q0, q1, q2, q3, q4, q5, q6, q7 = qs
-    tq_ptr, tq_rows, hi_ptr, lo_ptr = tiers
-    tq_grp = tq_ptr + gi * (ROWS * (HP + MP))  # the group's block of the tier-query scratch
+    _q, _qo, _ok, _sqd, _order, _s4, tq_ptr, _tq_rows, hi_ptr, lo_ptr = tiers
+    tq_grp = tq_ptr + gi * (ROWS * (HP + MP))  # the group's block of the tier-query scratch (ROWS > 0)
     FW: tl.constexpr = D // 8
     j = tl.arange(0, FW)
     t = tl.arange(0, G)
@@ -253,7 +253,7 @@ def _group_scores(
     ks0, ks1, ks2, ks3, ks4, ks5, ks6, ks7 = _split8(kscale)
     kz0, kz1, kz2, kz3, kz4, kz5, kz6, kz7 = _split8(kzero)
     if MID > 0:
-        s = _low_bits_scores(tq_grp, tq_rows, lo_ptr, gi, BLOCK_M, G, MID, HP, MP)
+        s = _low_bits_scores(tiers, tq_grp, lo_ptr, gi, BLOCK_M, G, HIGH, MID, HP, MP, ROWS)
     else:
         s = tl.zeros([BLOCK_M, G], tl.float32)
     sz = tl.zeros([BLOCK_M, 16], tl.float32)  # q . z, the same in every column
@@ -267,7 +267,7 @@ def _group_scores(
         sz = tl.dot(qf, tl.broadcast_to(kz[:, None], (FW, 16)), sz)
     s = s * (16777216.0 * score_scale) + (tl.max(sz, 1) * score_scale)[:, None]  # one FFMA each
     if HIGH > 0:
-        s += score_scale * _high_tier_scores(tq_grp, tq_rows, hi_ptr, gi, G, HIGH, HP, INTERP)
+        s += score_scale * _high_tier_scores(tiers, tq_grp, hi_ptr, gi, G, HIGH, MID, HP, ROWS, INTERP)
     return s
 
 
@@ -544,24 +544,63 @@ def _gather_tier_queries(
 
 
 @triton.jit
-def _high_tier_scores(
+def _tier_query(
+    tiers,
     tq_grp,
-    tq_rows,
+    gi,
+    FIRST: tl.constexpr,
+    COUNT: tl.constexpr,
+    WIDTH: tl.constexpr,
+    COL0: tl.constexpr,
+    SCALED: tl.constexpr,
+    HIGH: tl.constexpr,
+    MID: tl.constexpr,
+    ROWS: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    """The query rows at channels ``order[FIRST + c]`` of group ``gi`` (``c < WIDTH``; 0 from ``COUNT``
+    on) times QSCALE, and times the 4-bit scale ``s4[FIRST - HIGH + c]`` where ``SCALED``: ``[BLOCK_M,
+    WIDTH]`` in ``dtype``. Read from the tier-query scratch (``ROWS > 0``: the group's block at
+    ``tq_grp``, columns ``COL0 ..``; ``_gather_tier_queries`` wrote the same numbers) or gathered from
+    the query here (``ROWS == 0``, for many query rows; ``tiers`` as in ``_group_scores``)."""
+    q_ptr, q_off, row_ok, sqd, order_ptr, s4_ptr, _tq_ptr, tq_rows, _hi_ptr, _lo_ptr = tiers
+    c = tl.arange(0, WIDTH)
+    if ROWS > 0:
+        q = tl.load(tq_grp.to(tl.pointer_type(dtype)) + tq_rows[:, None] + COL0 + c[None, :])
+    else:
+        ok = c < COUNT
+        channel = tl.load(order_ptr + gi * (HIGH + MID) + FIRST + c, mask=ok, other=0).to(tl.int32)
+        q = tl.load(
+            q_ptr + q_off[:, None] + channel[None, :] * sqd, mask=row_ok[:, None] & ok[None, :], other=0.0
+        )
+        q = q.to(tl.float32) * 0.0625  # QSCALE
+        if SCALED:
+            s4 = tl.load(s4_ptr + gi * MID + (FIRST - HIGH) + c, mask=ok, other=0.0)
+            q = q * s4.to(tl.float32)[None, :]
+        q = q.to(dtype)
+    return q
+
+
+@triton.jit
+def _high_tier_scores(
+    tiers,
+    tq_grp,
     hi_ptr,
     gi,
     G: tl.constexpr,
     HIGH: tl.constexpr,
+    MID: tl.constexpr,
     HP: tl.constexpr,
+    ROWS: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Mixed-tier stores (``StoreLayout.planar_mixed``): the scores of group ``gi`` over its 16-bit
     channels (the planar words hold 0 there), ``[BLOCK_M, G]`` float32 times QSCALE: one tensor-core
-    product of the query gathered at those channels (``_gather_tier_queries``; the group's block at
-    ``tq_grp``, this program's rows at offsets ``tq_rows [BLOCK_M]``) and their values, both in the store's
+    product of the query at those channels (``_tier_query``) and their values, both in the store's
     dtype."""
     t = tl.arange(0, G)
     j = tl.arange(0, HP)
-    q = tl.load(tq_grp.to(tl.pointer_type(hi_ptr.dtype.element_ty)) + tq_rows[:, None] + j[None, :])
+    q = _tier_query(tiers, tq_grp, gi, 0, HIGH, HP, 0, False, HIGH, MID, ROWS, hi_ptr.dtype.element_ty)
     k = tl.load(hi_ptr + (gi * HIGH + j)[:, None] * G + t[None, :], mask=(j < HIGH)[:, None], other=0.0)
     if INTERP:  # (the interpreter does no bfloat16 arithmetic)
         return tl.dot(q.to(tl.float32), k.to(tl.float32))
@@ -599,25 +638,28 @@ def _low_bits(lo_ptr, gi, j, ok, G: tl.constexpr, MID: tl.constexpr):
 
 @triton.jit
 def _low_bits_scores(
+    tiers,
     tq_grp,
-    tq_rows,
     lo_ptr,
     gi,
     BLOCK_M: tl.constexpr,
     G: tl.constexpr,
+    HIGH: tl.constexpr,
     MID: tl.constexpr,
     HP: tl.constexpr,
     MP: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """Mixed-tier stores: the query gathered at the group's 4-bit channels times ``s4``
-    (``_gather_tier_queries``, as in ``_high_tier_scores``, columns ``HP ..``) times the low 2 bits of
-    their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in the units of
-    ``_group_scores``' products (the codes enter as float16 subnormals, ``code * 2**-24``), so that it
-    starts that accumulator. One product per 16 of the channels (``_low_bits``)."""
+    """Mixed-tier stores: the query at the group's 4-bit channels times ``s4`` (``_tier_query``) times
+    the low 2 bits of their codes (the planar words hold the high 2 bits), ``[BLOCK_M, G]`` float32 in
+    the units of ``_group_scores``' products (the codes enter as float16 subnormals, ``code * 2**-24``),
+    so that it starts that accumulator. One product per 16 of the channels (``_low_bits``)."""
     s = tl.zeros([BLOCK_M, G], tl.float32)
     for c in tl.static_range(MP // 16):
         j = c * 16 + tl.arange(0, 16)
-        q = tl.load(tq_grp.to(tl.pointer_type(tl.float16)) + tq_rows[:, None] + HP + j[None, :])
+        q = _tier_query(
+            tiers, tq_grp, gi, HIGH + c * 16, MID - c * 16, 16, HP + c * 16, True, HIGH, MID, ROWS, tl.float16
+        )
         low = _low_bits(lo_ptr, gi, j, j < MID, G, MID)
         s = tl.dot(q, low.to(tl.float16, bitcast=True), s)
     return s
@@ -659,7 +701,7 @@ def _prefetch_pair(
     ``_packed_groups`` reads: codes, scales and zero points, and for mixed tiers the channel order,
     the 16-bit values and the 4-bit tier's low bits (``tiers`` as in ``_group_scores``; the tier-query
     scratch was just written and is in the L2)."""
-    _tq_ptr, _tq_rows, hi_ptr, lo_ptr = tiers
+    _q, _qo, _ok, _sqd, _order, _s4, _tq_ptr, _tq_rows, hi_ptr, lo_ptr = tiers
     _prefetch_lines(kc_ptr, first, G * D // 4)
     _prefetch_lines(kqp_ptr, first, 4 * D)
     _prefetch_lines(vc_ptr, first, G * DV // 4)
@@ -902,7 +944,8 @@ def planar_split_kernel(
     ``bh`` for query rows ``qb * BLOCK_M ..`` (row ``r``: query head ``h * N_REP + r // LQ``, query
     ``r % LQ``). Arguments as ``_attn_split_kernel``'s; ``qk_scale`` is the softmax scale times log2(e).
     Mixed tiers: ``tq_ptr`` the tier-query scratch, int16 ``[B * H * NG, ROWS, HP + MP]``
-    (``_gather_tier_queries``; ``ROWS`` the query rows of all query blocks)."""
+    (``_gather_tier_queries``; ``ROWS`` the query rows of all query blocks), or ``ROWS == 0`` where the
+    walk gathers the query itself (``decode_attention``'s ``gather_first``)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -931,7 +974,7 @@ def planar_split_kernel(
     q6 = _load_query_field(q_ptr, q_off, row_ok, sqd, 6, FW)
     q7 = _load_query_field(q_ptr, q_off, row_ok, sqd, 7, FW)
     qs = (q0, q1, q2, q3, q4, q5, q6, q7)
-    tiers = (tq_ptr, rows * (HP + MP), hi_ptr, lo_ptr)
+    tiers = (q_ptr, q_off, row_ok, sqd, order_ptr, s4_ptr, tq_ptr, rows * (HP + MP), hi_ptr, lo_ptr)
     g0 = sp * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, packed)
     base = bh.to(tl.int64) * NG
@@ -957,7 +1000,7 @@ def planar_split_kernel(
         )
         g1_walk = tl.where(keeps, g0, g1)
         walked = tl.where(keeps, False, row_ok)  # (row_ok & ~keeps fails in the interpreter, Triton 3.9)
-    if HIGH + MID > 0:
+    if ROWS > 0:  # mixed tiers, the tier queries gathered before the walk
         _gather_tier_queries(
             q_ptr, q_off, row_ok, sqd, order_ptr, s4_ptr, tq_ptr, hi_ptr, rows, base, g0, g1_walk,
             BLOCK_M, ROWS, HIGH, MID, HP, MP,
