@@ -70,12 +70,13 @@ def prefetch_steps(layout) -> int:
     tiers whose 4-bit tier takes more than one product (``layout.planar_mixed`` with more than 16 4-bit
     channels), 0 for the others; ``MIXKVQ_PREFETCH=1`` or ``0`` sets it for every store (A/B runs).
 
-    What decides it is whether the loop spills without it (Triton 3.6, sm_90, 255 registers; counted by
-    ``bench/sass.py``): with the query gathered before the walk (``_gather_tier_queries``, session 23)
-    MixKVQ's default tiers (4 / 16 / 108 channels) spill 12 registers per step with it and none without
-    it, 13 / 26 / 89 channels 9 with it and 21-25 without. H200, bfloat16, all-true mask, 2026-11-28,
-    on against off: MixKVQ's default 8 x 32k 0.1420 / 0.1354 ms, 1 x 128k 0.0741 / 0.0708; 13 / 26 / 89
-    0.1626 / 0.1743 and 0.0995 / 0.1029 (session 23 in ``docs/performance.md``).
+    What decides it is whether the loop spills more with it or without it (Triton 3.6, sm_90, 255
+    registers; counted by ``bench/sass.py``): with the query gathered before the walk
+    (``_gather_tier_queries``, session 23) MixKVQ's default tiers (4 / 16 / 108 channels) spill 12
+    registers per step with it and none without it, 13 / 26 / 89 channels 9 with it and 21-25 without.
+    H200, bfloat16, all-true mask, 2026-11-28, on against off: MixKVQ's default 8 x 32k 0.1420 / 0.1354
+    ms, 1 x 128k 0.0741 / 0.0708; 13 / 26 / 89 0.1626 / 0.1743 and 0.0995 / 0.1029 (session 23 in
+    ``docs/performance.md``).
 
     Earlier (H200, ``bench/decode_ab.py``): one step ahead made MixKVQ's default tiers 1.12-1.17x faster
     when the walk still gathered the query itself (2026-11-27, float16, 8 x 32k 0.1758 -> 0.1568 ms:
