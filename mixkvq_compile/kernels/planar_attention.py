@@ -666,8 +666,8 @@ def _low_bits_scores(
 
 
 @triton.jit
-def _prefetch_lines(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
-    """Ask the L2 (the L1 with ``L1``) for packed groups ``first`` and ``first + 1`` (flat index) of a
+def _prefetch_lines(ptr, first, NBYTES: tl.constexpr):
+    """Ask the L2 for packed groups ``first`` and ``first + 1`` (flat index) of a
     region of ``NBYTES`` per group at ``ptr``: one ``prefetch.global.L2`` per 128-byte step from their
     first byte, and one for their last byte where they span 128 bytes or more (a span under 128 bytes
     that crosses a line gets its first line only). At head_dim 128 at most 17 lines: one instruction per
@@ -676,10 +676,9 @@ def _prefetch_lines(ptr, first, NBYTES: tl.constexpr, L1: tl.constexpr = False):
     LP: tl.constexpr = triton.next_power_of_2(SPAN // 128 + 1)
     i = tl.arange(0, LP)
     addr = ptr.to(tl.pointer_type(tl.int8)) + first * NBYTES + tl.minimum(i * 128, SPAN - 1)
-    ASM: tl.constexpr = (
-        "prefetch.global.L1 [$1]; mov.u32 $0, 0;" if L1 else "prefetch.global.L2 [$1]; mov.u32 $0, 0;"
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1
     )
-    tl.inline_asm_elementwise(ASM, "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
