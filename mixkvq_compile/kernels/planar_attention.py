@@ -7,9 +7,10 @@ whose full-precision launch and combine kernel finish the attention.
 Stores of mixed key tiers (``StoreLayout.planar_mixed``) keep a 2-bit field for every channel in the
 same words (0 for the 16-bit channels, the high 2 bits of the 4-bit codes), so the loop below is the
 same; ``_group_scores`` adds, per group, the query gathered at the 16-bit channels times those channels
-and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits. Each program
-gathers these query tiles for all of its groups before its walk, into a scratch the walk reads as
-contiguous tiles (``_gather_tier_queries``).
+and the query gathered at the 4-bit channels times ``s4`` times the codes' low 2 bits. For up to 8
+query rows per KV head (``decode_attention``'s ``gather_first``) each program gathers these query tiles
+for all of its groups before its walk, into a scratch the walk reads as contiguous tiles
+(``_gather_tier_queries``); for more rows the walk gathers them per group (``_tier_query``).
 
 Why the planar layout is fast: each int16 word holds 8 two-bit codes, one per bit field ``f``, and
 field ``f`` of a row of words is a run of ``D / 8`` consecutive channels (keys) or ``Dv / 8`` channels
